@@ -1,0 +1,46 @@
+# One command surface for developers, pre-commit and CI.
+# Every target installs what it needs first: uv (via pip when absent), the venv, the embedded model.
+
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+SERVE_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help uv install run server test testcov lint format typecheck check tunnel clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+install: uv ## Create or update the venv from uv.lock (with the embedded model and dev tools)
+	@$(UV) sync --locked --all-extras --quiet
+
+run: install ## Start the server on the embedded defaults (no keys, no .env needed)
+	$(UV) run --no-sync layercode-agent serve $(SERVE_ARGS)
+
+server: run ## Same as `make run`
+
+test: install ## Run every test
+	$(UV) run --no-sync pytest
+
+testcov: install ## Run every test with branch coverage
+	$(UV) run --no-sync coverage run -m pytest
+	$(UV) run --no-sync coverage combine --quiet
+	$(UV) run --no-sync coverage report
+
+lint: install ## Lint and check formatting
+	$(UV) run --no-sync ruff check src tests
+	$(UV) run --no-sync ruff format --check src tests
+
+format: install ## Format and autofix
+	$(UV) run --no-sync ruff format src tests
+	$(UV) run --no-sync ruff check --fix src tests
+
+typecheck: install ## Type-check src and tests (pyright strict)
+	$(UV) run --no-sync pyright
+
+check: lint typecheck ## Lint + typecheck
+
+clean: ## Remove caches (keeps data/ and .venv)
+	rm -rf .pytest_cache .ruff_cache .coverage .coverage.* htmlcov dist build

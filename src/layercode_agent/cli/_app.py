@@ -1,0 +1,117 @@
+"""Typer commands. The server is imported lazily inside `serve`, so `sign` starts instantly."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..config import get_settings, resolve_webhook_secrets
+
+__all__ = ["app", "main", "run"]
+
+app = typer.Typer(
+    name="layercode-agent",
+    help="The Python backend for Layercode voice agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"layercode-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """The Python backend for Layercode voice agents."""
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default HOST or 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default PORT or 8000).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default WORKERS or 1).")] = None,
+    reload: Annotated[
+        bool | None, typer.Option("--reload/--no-reload", help="Restart on code changes (UVICORN_RELOAD).")
+    ] = None,
+) -> None:
+    """Start the webhook server."""
+    from .serve import run_server
+
+    settings = get_settings()
+    run_server(
+        settings,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.workers,
+        reload=settings.uvicorn_reload if reload is None else reload,
+        console=err,
+    )
+
+
+@app.command()
+def sign(
+    body: Annotated[
+        str | None, typer.Argument(help="The exact request body to sign; '-' or omitted reads standard input.")
+    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the body from this file.")] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(help="Secret to sign with (default LAYERCODE_WEBHOOK_SECRET or the development secret)."),
+    ] = None,
+    timestamp: Annotated[int | None, typer.Option(help="Unix time to sign at (default now).")] = None,
+) -> None:
+    """Print a valid `layercode-signature` header value for a body, e.g. for curl."""
+    from ..protocol import sign as sign_body
+
+    if file is not None:
+        raw = file.read_bytes()
+    elif body is None or body == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        raw = body.encode()
+    if secret is None:
+        secrets = resolve_webhook_secrets(get_settings(), create=False)
+        if not secrets.values:
+            err.print(
+                "[red]No webhook secret:[/] set LAYERCODE_WEBHOOK_SECRET, pass --secret, "
+                "or start the server once (`make run`) to create the development secret."
+            )
+            raise typer.Exit(2)
+        secret = secrets.values[0]
+    typer.echo(sign_body(raw, secret, timestamp=timestamp if timestamp is not None else int(time.time())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` and return its exit code (for tests and `python -m`)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console script entry point."""
+    sys.exit(main())
+

@@ -1,0 +1,89 @@
+"""`layercode-agent serve`: check the configuration, print the banner, run uvicorn.
+
+The banner names the model, the store, the routes and where the webhook secret came from; it never
+prints a secret. Configuration errors (unknown model, missing key, bad store URL) stop here with
+one clear line instead of a traceback from every worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import typer
+import uvicorn
+from rich.console import Console
+from rich.table import Table
+
+from ..config import Settings, resolve_webhook_secrets
+
+__all__ = ["log_config", "run_server"]
+
+FACTORY = "layercode_agent.server.app:create_app_from_env"
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """Uvicorn's logging config, extended so the project's own loggers print too."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["layercode_agent"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def _check(settings: Settings, workers: int) -> tuple[str, str]:
+    from ..server.app import model_choice
+
+    if settings.agent:
+        from ..agent import load_user_agent
+
+        agent = load_user_agent(settings.agent)
+        model = f"{agent.model} (from AGENT={settings.agent})"
+        if settings.agent_model not in ("", "auto") or agent.model is None:
+            model = model_choice(settings).name + f" with AGENT={settings.agent}"
+    else:
+        model = model_choice(settings).name
+    url = settings.store_url
+    if url.startswith("memory://") and workers > 1:
+        raise ValueError(
+            "CONVERSATION_STORE=memory:// keeps history inside one process; with --workers > 1 every worker "
+            "would hold a different history. Use the default SQLite store (or Redis) for several workers."
+        )
+    return model, url
+
+
+def run_server(settings: Settings, *, host: str, port: int, workers: int, reload: bool, console: Console) -> None:
+    """Validate, print the banner and serve until interrupted."""
+    try:
+        model, store_url = _check(settings, workers)
+        secrets = resolve_webhook_secrets(settings)
+    except Exception as exc:
+        console.print(f"[bold red]Cannot start:[/] {exc}")
+        raise typer.Exit(2) from exc
+    base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}"
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_row("model", model)
+    table.add_row("store", store_url)
+    table.add_row("webhook secret", secrets.source)
+    table.add_row("webhook", f"POST {base}/api/agent")
+    table.add_row("authorize", f"POST {base}/api/authorize")
+    table.add_row("health", f"GET  {base}/health")
+    table.add_row("workers", str(workers) + (" (reload)" if reload else ""))
+    console.print("[bold]layercode-agent[/] is starting")
+    console.print(table)
+    if secrets.source.startswith("development"):
+        console.print(
+            "[dim]No LAYERCODE_WEBHOOK_SECRET is set: webhooks must be signed with the development secret "
+            "(`layercode-agent sign` uses it).[/]"
+        )
+    logging.getLogger("layercode_agent").debug("starting uvicorn with factory %s", FACTORY)
+    uvicorn.run(
+        FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        workers=None if reload else workers,
+        reload=reload,
+        log_config=log_config(settings.log_level),
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,136 @@
+"""Settings, read once from the environment and an optional `.env`, then passed down as values.
+
+Variable names follow Layercode's own examples so users can bring the `.env` they already have
+(`LAYERCODE_WEBHOOK_SECRET`, `GOOGLE_GENERATIVE_AI_API_KEY`, `HOST`, `PORT`, `UVICORN_RELOAD`, ...).
+Only the composition roots (`server.app.create_app` and the CLI) call `get_settings()`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEV_SECRET_FILE", "MAX_BODY_BYTES", "Settings", "WebhookSecrets", "get_settings", "resolve_webhook_secrets"]
+
+MAX_BODY_BYTES = 1024 * 1024
+"""Largest webhook or authorize body accepted (1 MiB); larger ones get 413."""
+
+DEV_SECRET_FILE = "dev-webhook-secret"
+"""Name of the development webhook secret kept in the data folder when none is configured."""
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    layercode_webhook_secret: SecretStr | None = None
+    """HMAC secret(s) from the dashboard; several comma-separated secrets are all accepted."""
+    layercode_api_key: SecretStr | None = None
+    layercode_agent_id: str | None = None
+    layercode_api_url: str = "https://api.layercode.com"
+    authorize_timeout: float = 10.0
+
+    agent_model: str = "auto"
+    agent: str | None = None
+    """`module:attribute` of the user's own pydantic-ai `Agent`."""
+    data_handler: str | None = None
+    """`module:function` answering `data` webhooks (async, takes the `DataEvent`)."""
+    llm_timeout: float = 30.0
+    """Seconds a whole LLM turn may take before the caller hears an apology."""
+
+    conversation_store: str | None = None
+    data_dir: Path = Path("data")
+
+    system_prompt: str | None = None
+    system_prompt_file: Path | None = None
+    welcome_message: str | None = None
+    """`None` means the built-in greeting; an empty string means a silent start."""
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = None
+    gemini_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("GOOGLE_GENERATIVE_AI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    uvicorn_reload: bool = False
+    workers: int = Field(default=1, ge=1, validation_alias=AliasChoices("WORKERS", "WEB_CONCURRENCY"))
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    logfire_token: SecretStr | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def store_url(self) -> str:
+        """The conversation store URL, defaulting to a SQLite file in the data folder."""
+        if self.conversation_store:
+            return self.conversation_store
+        return f"sqlite:///{self.data_dir / 'conversations.db'}"
+
+    def resolved_system_prompt(self) -> str | None:
+        """The configured system prompt (inline or from a file), or `None` for the built-in one."""
+        if self.system_prompt_file is not None:
+            return self.system_prompt_file.read_text(encoding="utf-8").strip()
+        return self.system_prompt
+
+
+class WebhookSecrets:
+    """The secrets webhooks are verified with, and where they came from (for the banner, never the values)."""
+
+    def __init__(self, values: list[str], source: str) -> None:
+        self.values = values
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"WebhookSecrets(<{len(self.values)} hidden>, source={self.source!r})"
+
+
+def resolve_webhook_secrets(settings: Settings, *, create: bool = True) -> WebhookSecrets:
+    """Return the configured webhook secrets, or the development secret kept in the data folder.
+
+    No webhook is ever accepted unsigned. With no `LAYERCODE_WEBHOOK_SECRET`, a random development
+    secret is generated once and kept (mode 0600) in `DATA_DIR/dev-webhook-secret`; the CLI's `sign`
+    and local tools read it from there, so a newcomer can talk to the server without configuring anything.
+    """
+    if settings.layercode_webhook_secret is not None:
+        values = [part.strip() for part in settings.layercode_webhook_secret.get_secret_value().split(",")]
+        values = [value for value in values if value]
+        if values:
+            return WebhookSecrets(values, "LAYERCODE_WEBHOOK_SECRET")
+    path = settings.data_dir / DEV_SECRET_FILE
+    if path.exists():
+        return WebhookSecrets([path.read_text(encoding="utf-8").strip()], f"development secret in {path}")
+    if not create:
+        return WebhookSecrets([], "none configured")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = "dev_" + secrets.token_hex(24)
+    # Written whole to a private temporary file, then linked into place: link() fails if another
+    # worker got there first, and then everyone uses theirs. Nobody ever reads a half-written file.
+    temporary = path.with_name(f".{DEV_SECRET_FILE}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(value + "\n")
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return WebhookSecrets([path.read_text(encoding="utf-8").strip()], f"development secret in {path}")
+    finally:
+        temporary.unlink(missing_ok=True)
+    return WebhookSecrets([value], f"development secret generated in {path}")
+
+
+def get_settings() -> Settings:
+    """Read the settings from the environment and `.env` (only composition roots call this)."""
+    return Settings()

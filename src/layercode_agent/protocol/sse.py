@@ -1,0 +1,168 @@
+r"""Server-Sent Events framing for the webhook response stream, both ways.
+
+Why hand-rolled: Layercode reads exactly ``data: <json>\n\n`` per event, with no ``event:``/``id:`` lines, so
+encoding is one ``json.dumps`` per event with no framework in the way (this runs for every streamed token). The
+parser is the other side of the same wire, as Layercode would read our stream; the simulator, clients and tests use
+it to check what we send.
+
+Headers: the Node SDK sends ``Cache-Control: no-cache, no-transform``, ``Connection: keep-alive`` and
+``Content-Encoding: none``; community Python SDKs add ``X-Accel-Buffering: no``. We keep only the cache and
+buffering ones: ``Connection`` is forbidden in HTTP/2 and some servers mishandle ``Content-Encoding: none``
+(keep compression middleware off the route instead).
+
+Source: docs.layercode.com/api-reference/webhook-sse-api ("Webhook SSE Response Format") and
+``@layercode/node-server-sdk`` 1.2.1, summarised in ``/work/shared/layercode-protocol.md`` section 2.1; the
+line and field rules follow the WHATWG HTML "Server-sent events" parsing algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import Any, Final
+
+from pydantic import TypeAdapter
+
+from .responses import OutboundEvent, to_dict
+
+__all__ = [
+    "SSE_CONTENT_TYPE",
+    "SSE_HEADERS",
+    "SSEParser",
+    "adecode_stream",
+    "decode_stream",
+    "encode",
+    "encode_json",
+]
+
+SSE_CONTENT_TYPE: Final = "text/event-stream"
+"""Media type of the webhook response stream."""
+
+SSE_HEADERS: Final[dict[str, str]] = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+"""Extra response headers that stop caches and proxies (nginx) from buffering or rewriting the stream."""
+
+_ANY: Final = TypeAdapter[Any](Any)
+_LINE_END: Final = re.compile(rb"\r\n|\r|\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback for ``response.data`` content that is not plain JSON (models, dates, UUIDs...)."""
+    return _ANY.dump_python(value, mode="json")
+
+
+def encode_json(event: OutboundEvent) -> str:
+    """Serialise ``event`` as compact JSON, keys in wire order, non-ASCII kept as is.
+
+    Args:
+        event: The event to serialise.
+
+    Returns:
+        The JSON text alone, e.g. ``'{"type":"response.end","turn_id":"turn_1"}'``.
+    """
+    return json.dumps(to_dict(event), separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+
+
+def encode(event: OutboundEvent) -> bytes:
+    r"""Frame ``event`` as one SSE event.
+
+    Newlines inside strings are escaped by JSON, so one ``data:`` line always suffices.
+
+    Args:
+        event: The event to frame.
+
+    Returns:
+        ``b"data: " + <compact UTF-8 JSON> + b"\n\n"``.
+    """
+    return b"data: " + encode_json(event).encode() + b"\n\n"
+
+
+class SSEParser:
+    r"""Incremental parser turning SSE bytes back into the JSON objects of their ``data`` fields.
+
+    Handles events split anywhere across chunks (even inside a UTF-8 sequence or a ``\r\n``), ``\n``, ``\r\n``
+    and ``\r`` line endings, comment lines (``:``), multi-line ``data`` (joined with ``\n``) and ignores other
+    fields (``event``, ``id``, ``retry``). An event is dispatched at the blank line that ends it; an unterminated
+    event at the end of the stream is dropped, as browsers do.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._skip_lf = False
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Consume a chunk and return the events it completed.
+
+        Args:
+            data: The next bytes of the stream.
+
+        Returns:
+            The decoded JSON object of each event completed by this chunk, in order (often empty).
+
+        Raises:
+            ValueError: An event's data is not JSON (``json.JSONDecodeError``) or not a JSON object.
+        """
+        if self._skip_lf and data:
+            # The previous chunk ended in "\r": a "\n" starting this one is the rest of that "\r\n".
+            self._skip_lf = False
+            if data.startswith(b"\n"):
+                data = data[1:]
+        buffer = self._buffer + data
+        events: list[dict[str, Any]] = []
+        pos = 0
+        while match := _LINE_END.search(buffer, pos):
+            self._line(buffer[pos : match.start()].decode(), events)
+            pos = match.end()
+        self._buffer = buffer[pos:]
+        if pos and pos == len(buffer) and buffer.endswith(b"\r"):
+            self._skip_lf = True
+        return events
+
+    def _line(self, line: str, events: list[dict[str, Any]]) -> None:
+        if not line:
+            if self._data:
+                events.append(_load("\n".join(self._data)))
+                self._data = []
+            return
+        if line.startswith(":"):
+            return  # comment, e.g. a keep-alive ping
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value.removeprefix(" "))
+
+
+def _load(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"SSE event data is not a JSON object: {text[:80]!r}")
+    return value
+
+
+def decode_stream(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """Parse a whole SSE byte stream, yielding each event's JSON object as soon as it is complete.
+
+    Args:
+        chunks: The stream's bytes in any chunking, e.g. ``response.iter_bytes()``.
+
+    Yields:
+        Each event's decoded ``data`` object.
+    """
+    parser = SSEParser()
+    for chunk in chunks:
+        yield from parser.feed(chunk)
+
+
+async def adecode_stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """Async twin of :func:`decode_stream`, e.g. for ``httpx.Response.aiter_bytes()``.
+
+    Args:
+        chunks: The stream's bytes in any chunking.
+
+    Yields:
+        Each event's decoded ``data`` object.
+    """
+    parser = SSEParser()
+    async for chunk in chunks:
+        for event in parser.feed(chunk):
+            yield event

@@ -1,0 +1,148 @@
+"""A local OpenAI-compatible chat-completions server that streams like the real one, over loopback.
+
+Tests script what it answers (text tokens and their timing, a tool call, an HTTP error, a malformed
+stream, a hang) and read back every request it received, so they can check what the LLM was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .net import free_port
+
+
+@dataclass
+class Reply:
+    """One scripted answer."""
+
+    tokens: list[str] = field(default_factory=lambda: ["Hello", " there", ",", " how", " can", " I", " help", "?"])
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    tool_call: tuple[str, dict[str, Any]] | None = None
+    fail: str | None = None  # "http500", "malformed", "hang", "drop"
+
+
+@dataclass
+class Received:
+    """A request as the fake saw it."""
+
+    body: dict[str, Any]
+    at: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens_sent: int = 0
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.body.get("messages", []))
+
+
+class FakeOpenAI:
+    """Run with `with FakeOpenAI() as fake:`; `fake.base_url` is the `OPENAI_BASE_URL`."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.default = Reply()
+        self.received: list[Received] = []
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def script(self, *replies: Reply) -> None:
+        """Answer the next requests with these replies, in order, then with `default`."""
+        self.replies.extend(replies)
+
+    def __enter__(self) -> FakeOpenAI:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        received = Received(body=body, at=time.monotonic())
+        self.received.append(received)
+        reply = self.replies.pop(0) if self.replies else self.default
+        if reply.fail == "http500":
+            return JSONResponse({"error": {"message": "upstream exploded", "type": "server_error"}}, status_code=500)
+        if not body.get("stream"):
+            text = "".join(reply.tokens)
+            return JSONResponse(_completion(body, text))
+        return StreamingResponse(self._stream(body, reply, received), media_type="text/event-stream")
+
+    async def _stream(self, body: dict[str, Any], reply: Reply, received: Received) -> AsyncIterator[bytes]:
+        model = body.get("model", "fake")
+        await asyncio.sleep(reply.first_token_delay)
+        if reply.fail == "hang":
+            await asyncio.sleep(3600)
+        if reply.fail == "malformed":
+            yield b"data: {this is not json\n\n"
+            return
+        if reply.tool_call is not None:
+            name, args = reply.tool_call
+            call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+            yield _chunk(model, {"role": "assistant", "tool_calls": [call]})
+            received.first_token_at = received.last_token_at = time.monotonic()
+            yield _chunk(model, {}, finish="tool_calls")
+            yield b"data: [DONE]\n\n"
+            return
+        for index, token in enumerate(reply.tokens):
+            if index:
+                await asyncio.sleep(reply.token_delay)
+            delta: dict[str, Any] = {"content": token}
+            if index == 0:
+                delta["role"] = "assistant"
+            yield _chunk(model, delta)
+            received.tokens_sent += 1
+            now = time.monotonic()
+            if received.first_token_at is None:
+                received.first_token_at = now
+            received.last_token_at = now
+            if reply.fail == "drop" and index == len(reply.tokens) // 2:
+                raise ConnectionResetError("fake drops the stream mid-way")
+        yield _chunk(model, {}, finish="stop")
+        yield b"data: [DONE]\n\n"
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    payload = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _completion(body: dict[str, Any], text: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "fake"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
