@@ -96,13 +96,17 @@ class WebhookClient:
         """Headers Layercode sends with `raw`."""
         return {
             "content-type": "application/json",
-            SIGNATURE_HEADER: sign(raw, self.secret, timestamp=timestamp if timestamp is not None else int(time.time())),
+            SIGNATURE_HEADER: sign(
+                raw, self.secret, timestamp=timestamp if timestamp is not None else int(time.time())
+            ),
         }
 
     async def post(self, body: dict[str, Any] | bytes, *, headers: dict[str, str] | None = None) -> httpx.Response:
         """Send one webhook and read the whole answer."""
         raw = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
-        return await self._http.post(self.url, content=raw, headers=headers if headers is not None else self.signed(raw))
+        return await self._http.post(
+            self.url, content=raw, headers=headers if headers is not None else self.signed(raw)
+        )
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[tuple[float, dict[str, Any]]]:
         """Send one webhook and yield `(ms since sent, event)` as each SSE event arrives."""

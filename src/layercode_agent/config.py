@@ -67,6 +67,27 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     logfire_token: SecretStr | None = None
 
+    @field_validator(
+        "layercode_webhook_secret",
+        "layercode_api_key",
+        "layercode_agent_id",
+        "openai_api_key",
+        "openai_base_url",
+        "anthropic_api_key",
+        "gemini_api_key",
+        "logfire_token",
+        "agent",
+        "data_handler",
+        "conversation_store",
+        "system_prompt",
+        "system_prompt_file",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `KEY=` in a .env copied from .env.example means "not set", not "set to the empty string".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:

@@ -259,9 +259,7 @@ class TurnRunner:
     async def record_session_event(self, event: SessionEndEvent | SessionUpdateEvent) -> None:
         """Keep Layercode's transcript, metrics and recording details with the conversation."""
         payload = event.model_dump(mode="json", exclude_none=True)
-        await self.store.add_session_event(
-            event.conversation_key, event.type, payload, session_id=event.session_id
-        )
+        await self.store.add_session_event(event.conversation_key, event.type, payload, session_id=event.session_id)
 
     async def aclose(self) -> None:
         """Wait for saves still running in the background (at shutdown)."""

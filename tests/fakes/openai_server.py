@@ -102,7 +102,12 @@ class FakeOpenAI:
             return
         if reply.tool_call is not None:
             name, args = reply.tool_call
-            call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+            call = {
+                "index": 0,
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)},
+            }
             yield _chunk(model, {"role": "assistant", "tool_calls": [call]})
             received.first_token_at = received.last_token_at = time.monotonic()
             yield _chunk(model, {}, finish="tool_calls")

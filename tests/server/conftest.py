@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,21 +44,21 @@ AppFactory = Callable[..., AbstractAsyncContextManager[App]]
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        layercode_webhook_secret=SECRET,
-        conversation_store="memory://",
-        data_dir=tmp_path,
-        welcome_message="Welcome aboard.",
-    )
+def settings_values(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "layercode_webhook_secret": SECRET,
+        "conversation_store": "memory://",
+        "data_dir": tmp_path,
+        "welcome_message": "Welcome aboard.",
+    }
 
 
 @pytest.fixture
-def make_app(settings: Settings) -> AppFactory:
+def make_app(settings_values: dict[str, Any]) -> AppFactory:
     @asynccontextmanager
-    async def factory(stream: StreamFn = words, **overrides: Any) -> AsyncIterator[App]:
+    async def factory(stream: StreamFn = words, **overrides: Any) -> AsyncGenerator[App]:
         agent = build_agent(model=FunctionModel(stream_function=stream))
-        app = create_app(settings.model_copy(update=overrides), agent=agent)
+        app = create_app(Settings(**{**settings_values, **overrides}), agent=agent)
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:

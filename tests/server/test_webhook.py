@@ -212,7 +212,9 @@ async def test_body_over_one_mebibyte_is_413(make_app: AppFactory) -> None:
     assert response.status_code == 413
 
 
-async def test_llm_failure_gets_a_spoken_apology_and_end(make_app: AppFactory, caplog: pytest.LogCaptureFixture) -> None:
+async def test_llm_failure_gets_a_spoken_apology_and_end(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     async def broken(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
         yield "Let me"
         raise RuntimeError("model server fell over")

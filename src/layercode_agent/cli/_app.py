@@ -100,7 +100,8 @@ def sign(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` and return its exit code (for tests and `python -m`)."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click returns the code of a `typer.Exit` instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -108,10 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Abort:
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:
     """Console script entry point."""
     sys.exit(main())
-

@@ -15,6 +15,7 @@ import typer
 import uvicorn
 from rich.console import Console
 from rich.table import Table
+from uvicorn.config import LOGGING_CONFIG
 
 from ..config import Settings, resolve_webhook_secrets
 
@@ -25,7 +26,7 @@ FACTORY = "layercode_agent.server.app:create_app_from_env"
 
 def log_config(level: str) -> dict[str, Any]:
     """Uvicorn's logging config, extended so the project's own loggers print too."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["layercode_agent"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     return config
 

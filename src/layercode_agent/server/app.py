@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -75,13 +75,14 @@ def create_app(
     """Build the app; bad configuration raises here, at start-up, not on the first call."""
     secrets = resolve_webhook_secrets(settings)
     agent, choice = _agent_and_model(settings, agent)
-    if data_handler is None:
-        data_handler = import_string(settings.data_handler) if settings.data_handler else default_data_handler
+    handler: DataHandler = data_handler or default_data_handler
+    if data_handler is None and settings.data_handler:
+        handler = import_string(settings.data_handler)
     welcome = DEFAULT_WELCOME_MESSAGE if settings.welcome_message is None else settings.welcome_message
     model_name = choice.name if choice is not None else f"{agent.model} (from AGENT={settings.agent})"
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
         configure_logfire(_secret(settings.logfire_token))
         store = open_store(settings.store_url)
         if choice is not None and choice.is_local:
@@ -96,7 +97,7 @@ def create_app(
             model_settings=choice.settings if choice is not None else None,
             welcome_message=welcome,
             llm_timeout=settings.llm_timeout,
-            data_handler=data_handler,
+            data_handler=handler,
         )
         async with httpx.AsyncClient() as http:
             app.state.runtime = Runtime(

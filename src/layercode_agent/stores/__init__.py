@@ -1,0 +1,62 @@
+"""Where conversations live between turns: backends of pydantic-ai's `ConversationStore`, chosen by URL.
+
+A URL keeps the choice to one setting (`memory://`, `sqlite:///data/conversations.db`) that the
+composition root passes to `open_store`; the rest of the app only sees an `AgentStore`.
+"""
+
+from __future__ import annotations
+
+from .base import AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
+from .memory import MemoryStore
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "AgentStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "SessionEventRecord",
+    "StoreError",
+    "StoreUnavailableError",
+    "open_store",
+]
+
+_ACCEPTED = "memory://, sqlite:///relative/path.db or sqlite:////absolute/path.db"
+
+
+def open_store(url: str) -> AgentStore:
+    """Open the store a URL names.
+
+    - `memory://`: a `MemoryStore`, for one process that may forget everything on restart.
+    - `sqlite:///data/conversations.db`: a `SQLiteStore` at a path relative to the working directory;
+      `sqlite:////var/lib/agent/conversations.db` (four slashes) for an absolute path, as in SQLAlchemy.
+    - `redis://...`: not available yet.
+
+    Args:
+        url: The store URL.
+
+    Raises:
+        StoreError: If the URL is malformed, its scheme unsupported, or the database cannot be opened.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator:
+        raise StoreError(f"Store URL {url!r} has no scheme; use {_ACCEPTED}.")
+    if scheme == "memory":
+        if rest:
+            raise StoreError(f"memory:// takes no path (got {url!r}).")
+        return MemoryStore()
+    if scheme == "sqlite":
+        path = rest[1:] if rest.startswith("/") else ""
+        if not path or "?" in path:
+            raise StoreError(
+                f"SQLite store URLs look like sqlite:///relative/path.db or sqlite:////absolute/path.db (got {url!r})."
+            )
+        return SQLiteStore(path)
+    if scheme in {"redis", "rediss"}:
+        # Don't echo the URL: it may carry a password.
+        raise StoreError(
+            "redis:// stores are not available yet; use sqlite:///path/to/conversations.db to share "
+            "conversations between workers on one host, or memory:// for a single process."
+        )
+    # Only the scheme is echoed, in case the rest carries credentials.
+    raise StoreError(f"Unsupported store URL scheme {scheme!r}; use {_ACCEPTED}.")

@@ -1,0 +1,122 @@
+"""What the voice agent needs from a conversation store, beyond pydantic-ai's own `ConversationStore`.
+
+pydantic-ai's store keeps the messages of a conversation. A Layercode session also ends with a
+`session.end` webhook (full transcript, latency metrics) and may send `session.update` (recording
+status and URL). Those bodies belong to the same conversation, so each backend keeps them beside its
+messages and deletes them with it: deleting a conversation removes everything about it.
+
+Exceptions (driver errors are translated at each backend's boundary with `raise ... from exc`)::
+
+    StoreError                  anything a backend could not do, including a misconfigured store URL
+    └── StoreUnavailableError   the backend is there but busy or unreachable right now; retrying may help
+
+`pydantic_ai.ConversationConflict` is not a `StoreError`: it is the expected outcome of two writers
+saving the same conversation, and the caller reloads and retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic_ai.conversation_store import ConversationStore
+
+__all__ = ["AgentStore", "SessionEventRecord", "StoreError", "StoreUnavailableError"]
+
+
+class StoreError(Exception):
+    """A conversation store failed, or was configured with something it cannot open."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store is busy or unreachable (a locked database, a refused connection); a later retry may succeed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionEventRecord:
+    """A Layercode session webhook body kept with its conversation, such as `session.end` or `session.update`."""
+
+    event_type: str
+    """Layercode's event type, e.g. `"session.end"`."""
+
+    session_id: str | None
+    """The Layercode session the event belongs to, when it named one."""
+
+    received_at: datetime
+    """When the store received the event, timezone-aware UTC."""
+
+    payload: dict[str, Any]
+    """The event body as Layercode sent it (JSON values only)."""
+
+
+class AgentStore(ConversationStore, ABC):
+    """A pydantic-ai `ConversationStore` that also keeps Layercode session events and can be closed.
+
+    Use it as an async context manager, or call [`aclose`][layercode_agent.stores.AgentStore.aclose]
+    on shutdown.
+    """
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Where conversations are kept, in words for the start-up banner, e.g. `"SQLite at data/x.db"`."""
+
+    @abstractmethod
+    async def add_session_event(
+        self,
+        conversation_id: str,
+        event_type: str,
+        payload: dict[str, Any],
+        *,
+        session_id: str | None = None,
+    ) -> None:
+        """Keep a session webhook body with its conversation, stamped with the time it arrived.
+
+        The conversation need not have any saved messages yet.
+
+        Args:
+            conversation_id: The conversation the event belongs to.
+            event_type: Layercode's event type, such as `"session.end"` or `"session.update"`.
+            payload: The event body; it must be JSON-serialisable.
+            session_id: The Layercode session, if the event named one.
+        """
+
+    @abstractmethod
+    async def session_events(self, conversation_id: str) -> list[SessionEventRecord]:
+        """The session events kept for a conversation, in the order they arrived (empty if none)."""
+
+    @abstractmethod
+    async def _delete_unrecorded_session_events(self, conversation_id: str) -> None:
+        """Delete a conversation's session events if the store has no record for it.
+
+        `delete_record` removes the events of a conversation with a record; this covers a
+        conversation that only ever received session events, without touching a conversation
+        that another writer saved in the meantime.
+        """
+
+    async def delete(self, conversation_id: str, *, scope: str | None = None) -> None:
+        """Delete a conversation: its record, its session events, and the messages no other conversation shares.
+
+        Messages a fork or another conversation's history still reaches are kept for it. With `scope`,
+        a conversation saved with another scope is left as it is.
+        """
+        await super().delete(conversation_id, scope=scope)
+        await self._delete_unrecorded_session_events(conversation_id)
+
+    async def aclose(self) -> None:
+        """Release connections and threads; the store must not be used afterwards."""
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,493 @@
+"""A `ConversationStore` in one SQLite file: conversations survive restarts and workers on one host share them.
+
+Why it is shaped like this:
+
+- **WAL journal, `busy_timeout`, `synchronous=NORMAL`**: readers never block the writer, a writer waits
+  (up to `busy_timeout_ms`) for another instead of failing at once, and a commit costs no fsync.
+  Durability after an OS crash may lose the last commits; a process crash loses nothing.
+- **One worker thread per store** owns the only connection: sqlite3 blocks, and a voice turn's event
+  loop must not. Every operation is one hop to that thread, and a write is one `BEGIN IMMEDIATE`
+  transaction there, so the revision check and the write cannot interleave with another process's.
+  A caller cancelled mid-save (barge-in) does not cancel the transaction: it commits or rolls back whole.
+- **Versioned schema**: `PRAGMA user_version` counts the migrations applied; all pending ones run in
+  one transaction at open, and a database written by newer code is refused rather than misread.
+
+Deleting a conversation removes its record, its session events and every message no remaining
+conversation reaches (as its head or a branch it left). Messages a fork shares stay for the fork;
+they go when the last conversation reaching them is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
+
+from ._serialization import (
+    dump_message,
+    dump_payload,
+    dump_record,
+    format_timestamp,
+    load_message,
+    load_payload,
+    load_record,
+    parse_timestamp,
+)
+from .base import AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+_T = TypeVar("_T")
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: records, the message log, and Layercode session events.
+    (
+        """
+        CREATE TABLE entries (
+            id TEXT PRIMARY KEY,
+            parent_id TEXT REFERENCES entries (id),
+            conversation_id TEXT NOT NULL,  -- the conversation that first wrote it; forks share it
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX entries_parent_id ON entries (parent_id)",
+        """
+        CREATE TABLE records (
+            conversation_id TEXT PRIMARY KEY,
+            revision TEXT NOT NULL,
+            head_id TEXT REFERENCES entries (id),
+            scope TEXT,
+            updated_at TEXT NOT NULL,
+            branches TEXT NOT NULL,  -- JSON array of entry ids, copied out of `record` to find references
+            record TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX records_updated_at ON records (updated_at)",
+        "CREATE INDEX records_scope_updated_at ON records (scope, updated_at)",
+        "CREATE INDEX records_head_id ON records (head_id)",
+        "CREATE INDEX records_with_branches ON records (conversation_id) WHERE branches <> '[]'",
+        """
+        CREATE TABLE session_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            session_id TEXT,
+            received_at TEXT NOT NULL,
+            payload TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX session_events_conversation_id ON session_events (conversation_id, id)",
+    ),
+)
+"""Schema changes in order; migration `n` (1-based) brings `user_version` from `n - 1` to `n`. Only ever append."""
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The `PRAGMA user_version` this code writes and understands."""
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+_HISTORY_SQL = """
+WITH RECURSIVE chain (id, parent_id, kind, message, depth) AS (
+    SELECT id, parent_id, kind, message, 1 FROM entries WHERE id = :head_id
+    UNION ALL
+    SELECT entries.id, entries.parent_id, entries.kind, entries.message, chain.depth + 1
+    FROM entries JOIN chain ON entries.id = chain.parent_id
+    WHERE chain.depth <> :limit
+)
+SELECT id, parent_id, kind, message FROM chain ORDER BY depth DESC
+"""
+"""A history from its head back to its first entry (or `:limit` entries), oldest first, in one query."""
+
+_DELETE_UNREACHABLE_SQL = """
+WITH RECURSIVE
+    -- Everything the deleted record reached: its history and the branches it left.
+    released (id) AS (
+        SELECT value FROM json_each(:tips)
+        UNION
+        SELECT entries.parent_id FROM entries JOIN released ON entries.id = released.id
+        WHERE entries.parent_id IS NOT NULL
+    ),
+    -- Those entries and everything written after them: any record that still reaches a released
+    -- entry has its head or a branch in here.
+    family (id) AS (
+        SELECT id FROM released
+        UNION
+        SELECT entries.id FROM entries JOIN family ON entries.parent_id = family.id
+    ),
+    other_tips (id) AS (
+        SELECT records.head_id FROM records JOIN family ON records.head_id = family.id
+        UNION
+        SELECT branch.value FROM records, json_each(records.branches) AS branch
+        WHERE records.branches <> '[]' AND branch.value IN (SELECT id FROM family)
+    ),
+    reachable (id) AS (
+        SELECT id FROM other_tips
+        UNION
+        SELECT entries.parent_id FROM entries JOIN reachable ON entries.id = reachable.id
+        WHERE entries.parent_id IS NOT NULL
+    )
+DELETE FROM entries WHERE id IN (SELECT id FROM family EXCEPT SELECT id FROM reachable)
+"""
+"""Delete the entries of the family a deleted record reached that no remaining record reaches.
+
+Bounded by the deleted conversation and its forks, not by the size of the database.
+"""
+
+
+class SQLiteStore(AgentStore):
+    """Conversations, their messages and session events in one SQLite database file.
+
+    Several processes may open the same file: a save that lost a race raises
+    `ConversationConflict`, never overwrites. Call `aclose()` (or use `async with`) when done.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
+        """Open (creating if needed) the database at `path` and bring its schema up to date.
+
+        Args:
+            path: The database file; missing parent directories are created.
+            busy_timeout_ms: How long a write waits for another process's write lock before
+                `StoreUnavailableError`.
+
+        Raises:
+            StoreError: If the file cannot be opened, is not a database, or was written by newer code.
+        """
+        self._path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        try:
+            self._connection = self._executor.submit(self._in_worker, self._connect).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def description(self) -> str:
+        """Human text for the start-up banner."""
+        return f"SQLite at {self._path}"
+
+    async def aclose(self) -> None:
+        """Close the connection (checkpointing the WAL) and stop the worker thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._in_worker, lambda: self._connection.close()
+            )
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # --- ConversationStore primitives -------------------------------------------------------------
+
+    async def read_record(self, conversation_id: str) -> ConversationRecord | None:
+        """The record for a conversation, or `None` if the store doesn't have it."""
+        return await self._run(partial(_read_record, conversation_id=conversation_id))
+
+    async def read_records(self, *, scope: str | None = None, limit: int | None = None) -> Sequence[ConversationRecord]:
+        """The stored records, or those with `scope`, most recently saved first, at most `limit` of them."""
+        return await self._run(partial(_read_records, scope=scope, limit=limit))
+
+    async def write_record(
+        self,
+        record: ConversationRecord,
+        *,
+        new_entries: Sequence[ConversationEntry] = (),
+        expected_revision: str | None,
+    ) -> None:
+        """Store `record` and its new entries in one transaction, if the stored revision is `expected_revision`.
+
+        Raises:
+            ConversationConflict: If another writer saved or deleted the conversation first, or the
+                history it continues was released by a concurrent delete.
+        """
+        # Serialised here, before the hop, so later changes to the objects can't leak into the write.
+        row = (
+            record.conversation_id,
+            record.revision,
+            record.head_id,
+            record.scope,
+            format_timestamp(record.updated_at),
+            json.dumps(record.branches),
+            dump_record(record),
+        )
+        entries = [
+            (entry.id, entry.parent_id, record.conversation_id, entry.kind, dump_message(entry.message))
+            for entry in new_entries
+        ]
+        await self._run(partial(_write_record, row=row, entries=entries, expected_revision=expected_revision))
+
+    async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
+        """Delete the record, its session events, and the entries no remaining record or branch reaches.
+
+        Raises:
+            ConversationConflict: If no record with `expected_revision` is stored.
+        """
+        await self._run(partial(_delete_record, conversation_id=conversation_id, expected_revision=expected_revision))
+
+    async def read_entry(self, entry_id: str) -> ConversationEntry:
+        """The entry with this identifier.
+
+        Raises:
+            KeyError: If the store doesn't have it.
+        """
+        entries = await self._run(partial(_read_history, head_id=entry_id, limit=1))
+        return entries[0]
+
+    async def read_history(self, head_id: str | None, *, limit: int | None = None) -> list[ConversationEntry]:
+        """The entries from the first up to `head_id`, oldest first, or only the last `limit`, in one query.
+
+        Raises:
+            KeyError: If `head_id` or an entry before it is missing.
+        """
+        if head_id is None or limit == 0:
+            return []
+        return await self._run(partial(_read_history, head_id=head_id, limit=limit))
+
+    # --- Session events ---------------------------------------------------------------------------
+
+    async def add_session_event(
+        self,
+        conversation_id: str,
+        event_type: str,
+        payload: dict[str, Any],
+        *,
+        session_id: str | None = None,
+    ) -> None:
+        """Keep a session webhook body with its conversation, stamped with the time it arrived."""
+        row = (conversation_id, event_type, session_id, format_timestamp(datetime.now(UTC)), dump_payload(payload))
+        await self._run(partial(_add_session_event, row=row))
+
+    async def session_events(self, conversation_id: str) -> list[SessionEventRecord]:
+        """The session events kept for a conversation, in the order they arrived."""
+        return await self._run(partial(_session_events, conversation_id=conversation_id))
+
+    async def _delete_unrecorded_session_events(self, conversation_id: str) -> None:
+        await self._run(partial(_delete_unrecorded_session_events, conversation_id=conversation_id))
+
+    # --- Plumbing ---------------------------------------------------------------------------------
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `operation` with the connection on the store's worker thread."""
+        if self._closed:
+            raise StoreError(f"The store ({self.description}) is closed.")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._in_worker, lambda: operation(self._connection)
+        )
+
+    def _in_worker(self, operation: Callable[[], _T]) -> _T:
+        with self._translate_errors():
+            return operation()
+
+    @contextmanager
+    def _translate_errors(self) -> Generator[None]:
+        """Turn sqlite3 (and file system) errors into `StoreError`s that name the database."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if (code is not None and (code & 0xFF) in _BUSY_CODES) or "locked" in str(exc):
+                raise StoreUnavailableError(
+                    f"SQLite database {self._path} is locked: another connection held it for more than "
+                    f"{self._busy_timeout_ms} ms ({exc})."
+                ) from exc
+            raise StoreError(f"SQLite database {self._path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"Cannot open SQLite database {self._path}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit (`isolation_level=None`): transactions are explicit, see `_transaction`. The
+        # connection is only ever used on the worker thread, though created and closed through it too.
+        connection = sqlite3.connect(
+            self._path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode != "wal":
+                raise StoreError(f"SQLite database {self._path} cannot use WAL journaling (got {mode!r}).")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            _migrate(connection, self._path)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Generator[None]:
+    """A write transaction that takes the write lock up front, committed on success and rolled back otherwise."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:  # A failed COMMIT leaves the transaction open.
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _user_version(connection: sqlite3.Connection) -> int:
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    return int(version)
+
+
+def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+    """Apply the migrations the database lacks, all in one transaction, or refuse a newer database."""
+
+    def check(version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"SQLite database {path} has schema version {version}, newer than the {SCHEMA_VERSION} "
+                "this version of layercode-agent understands. Upgrade layercode-agent or use another file."
+            )
+
+    check(_user_version(connection))
+    if _user_version(connection) == SCHEMA_VERSION:
+        return
+    with _transaction(connection):
+        version = _user_version(connection)  # Again under the lock: another process may have migrated.
+        check(version)
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+# --- Operations: each runs on the worker thread with its connection --------------------------------
+
+
+def _read_record(connection: sqlite3.Connection, *, conversation_id: str) -> ConversationRecord | None:
+    row = connection.execute("SELECT record FROM records WHERE conversation_id = ?", (conversation_id,)).fetchone()
+    return None if row is None else load_record(row[0])
+
+
+def _read_records(connection: sqlite3.Connection, *, scope: str | None, limit: int | None) -> list[ConversationRecord]:
+    where = "" if scope is None else "WHERE scope = :scope"
+    rows = connection.execute(
+        f"SELECT record FROM records {where} ORDER BY updated_at DESC, rowid DESC LIMIT :limit",
+        {"scope": scope, "limit": -1 if limit is None else limit},
+    ).fetchall()
+    return [load_record(text) for (text,) in rows]
+
+
+def _write_record(
+    connection: sqlite3.Connection,
+    *,
+    row: tuple[str, str, str | None, str | None, str, str, str],
+    entries: list[tuple[str, str | None, str, str, str]],
+    expected_revision: str | None,
+) -> None:
+    conversation_id, _, head_id, *_ = row
+    with _transaction(connection):
+        stored = connection.execute(
+            "SELECT revision FROM records WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
+        if (stored[0] if stored is not None else None) != expected_revision:
+            raise ConversationConflict(conversation_id)
+        new_ids = {entry[0] for entry in entries}
+        if (
+            head_id is not None
+            and head_id not in new_ids
+            and connection.execute("SELECT 1 FROM entries WHERE id = ?", (head_id,)).fetchone() is None
+        ):
+            raise ConversationConflict(conversation_id)
+        try:
+            connection.executemany(
+                "INSERT INTO entries (id, parent_id, conversation_id, kind, message) VALUES (?, ?, ?, ?, ?)", entries
+            )
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" not in str(exc):
+                raise
+            # The entry the new ones follow was released by a concurrent delete, as with a missing head.
+            raise ConversationConflict(conversation_id) from exc
+        connection.execute(
+            """
+            INSERT INTO records (conversation_id, revision, head_id, scope, updated_at, branches, record)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (conversation_id) DO UPDATE SET
+                revision = excluded.revision, head_id = excluded.head_id, scope = excluded.scope,
+                updated_at = excluded.updated_at, branches = excluded.branches, record = excluded.record
+            """,
+            row,
+        )
+
+
+def _delete_record(connection: sqlite3.Connection, *, conversation_id: str, expected_revision: str) -> None:
+    with _transaction(connection):
+        stored = connection.execute(
+            "SELECT revision, head_id, branches FROM records WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
+        if stored is None or stored[0] != expected_revision:
+            raise ConversationConflict(conversation_id)
+        _, head_id, branches = stored
+        tips: list[str] = [*([head_id] if head_id is not None else []), *json.loads(branches)]
+        connection.execute("DELETE FROM records WHERE conversation_id = ?", (conversation_id,))
+        connection.execute("DELETE FROM session_events WHERE conversation_id = ?", (conversation_id,))
+        connection.execute(_DELETE_UNREACHABLE_SQL, {"tips": json.dumps(tips)})
+
+
+def _read_history(connection: sqlite3.Connection, *, head_id: str, limit: int | None) -> list[ConversationEntry]:
+    # `-1` never equals a depth, so an unlimited walk stops only at the first entry.
+    rows = connection.execute(_HISTORY_SQL, {"head_id": head_id, "limit": -1 if limit is None else limit}).fetchall()
+    if not rows:
+        raise KeyError(head_id)
+    first_parent = rows[0][1]
+    if first_parent is not None and (limit is None or len(rows) < limit):
+        raise KeyError(first_parent)  # The chain is broken: an entry's parent is gone.
+    history: list[ConversationEntry] = []
+    for entry_id, parent_id, kind, message in rows:
+        if kind != "message":
+            raise StoreError(f"Entry {entry_id!r} has kind {kind!r}, which this version cannot read.")
+        history.append(ConversationEntry(id=entry_id, parent_id=parent_id, message=load_message(message)))
+    return history
+
+
+def _add_session_event(connection: sqlite3.Connection, *, row: tuple[str, str, str | None, str, str]) -> None:
+    connection.execute(
+        "INSERT INTO session_events (conversation_id, event_type, session_id, received_at, payload) "
+        "VALUES (?, ?, ?, ?, ?)",
+        row,
+    )
+
+
+def _session_events(connection: sqlite3.Connection, *, conversation_id: str) -> list[SessionEventRecord]:
+    rows = connection.execute(
+        "SELECT event_type, session_id, received_at, payload FROM session_events WHERE conversation_id = ? ORDER BY id",
+        (conversation_id,),
+    ).fetchall()
+    return [
+        SessionEventRecord(
+            event_type=event_type,
+            session_id=session_id,
+            received_at=parse_timestamp(received_at),
+            payload=load_payload(payload),
+        )
+        for event_type, session_id, received_at, payload in rows
+    ]
+
+
+def _delete_unrecorded_session_events(connection: sqlite3.Connection, *, conversation_id: str) -> None:
+    connection.execute(
+        "DELETE FROM session_events WHERE conversation_id = :id "
+        "AND NOT EXISTS (SELECT 1 FROM records WHERE conversation_id = :id)",
+        {"id": conversation_id},
+    )

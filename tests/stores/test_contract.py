@@ -1,0 +1,254 @@
+"""The promises every store backend keeps, run against each real backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pydantic_ai.conversation import Conversation
+from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.usage import RequestUsage, RunUsage
+
+from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AgentStore]:
+    backend: AgentStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "conversations.db")
+    async with backend:
+        yield backend
+
+
+def turn(prompt: str = "What's the weather in Paris?") -> list[ModelMessage]:
+    """A real tool-using turn: prompt, tool call, tool return, answer."""
+    return [
+        ModelRequest(parts=[UserPromptPart(content=prompt)], instructions="Be brief."),
+        ModelResponse(
+            parts=[
+                TextPart(content="Let me check."),
+                ToolCallPart(tool_name="get_weather", args={"city": "Paris"}, tool_call_id="call-1"),
+            ],
+            usage=RequestUsage(input_tokens=12, output_tokens=7),
+            model_name="test-model",
+            timestamp=datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        ),
+        ModelRequest(
+            parts=[
+                ToolReturnPart(tool_name="get_weather", content={"sky": "sunny", "celsius": 21}, tool_call_id="call-1")
+            ]
+        ),
+        ModelResponse(parts=[TextPart(content="It's sunny and 21 degrees.")], model_name="test-model"),
+    ]
+
+
+def texts(conversation: Conversation) -> list[str]:
+    return [
+        part.content
+        for message in conversation.messages
+        for part in message.parts
+        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    ]
+
+
+async def test_round_trip_preserves_messages_exactly(store: AgentStore) -> None:
+    messages = turn()
+    usage = RunUsage(requests=2, input_tokens=20, output_tokens=9, tool_calls=1)
+    await store.save(Conversation(conversation_id="c1", messages=messages, usage=usage))
+
+    loaded = await store.load("c1")
+
+    assert loaded is not None
+    assert loaded.messages == messages
+    assert loaded.usage == usage
+    assert loaded.conversation_id == "c1"
+    assert await store.load("missing") is None
+
+
+async def test_load_with_limit_returns_the_last_messages(store: AgentStore) -> None:
+    messages = turn()
+    await store.save(Conversation(conversation_id="c1", messages=messages))
+
+    loaded = await store.load("c1", limit=2)
+
+    assert loaded is not None
+    assert loaded.messages == messages[-2:]
+
+
+async def test_revisions_advance_on_every_save(store: AgentStore) -> None:
+    conversation = Conversation(conversation_id="c1", messages=turn()[:1])
+    await store.save(conversation)
+    first = conversation.revision
+    assert first is not None
+
+    loaded = await store.load("c1")
+    assert loaded is not None and loaded.revision == first
+    loaded.messages.extend(turn()[1:])
+    await store.save(loaded)
+
+    record = await store.read_record("c1")
+    assert record is not None
+    assert loaded.revision == record.revision != first
+
+
+async def test_saving_a_stale_revision_conflicts_and_keeps_the_winner(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=turn("first")[:1]))
+    winner, loser = await store.load("c1"), await store.load("c1")
+    assert winner is not None and loser is not None
+    winner.messages.append(ModelRequest.user_text_prompt("winner"))
+    loser.messages.append(ModelRequest.user_text_prompt("loser"))
+
+    await store.save(winner)
+    with pytest.raises(ConversationConflict):
+        await store.save(loser)
+
+    stored = await store.load("c1")
+    assert stored is not None
+    assert texts(stored) == ["first", "winner"]
+
+
+async def test_saving_a_new_conversation_over_an_existing_id_conflicts(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=turn()))
+
+    with pytest.raises(ConversationConflict):
+        await store.save(Conversation(conversation_id="c1", messages=turn("other")))
+
+
+async def test_rewritten_history_is_stored_as_a_branch(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=turn("original")))
+    loaded = await store.load("c1")
+    assert loaded is not None
+    rewritten = Conversation(
+        conversation_id="c1", messages=turn("edited"), usage=loaded.usage, revision=loaded.revision
+    )
+
+    await store.save(rewritten)
+
+    stored = await store.load("c1")
+    record = await store.read_record("c1")
+    assert stored is not None and record is not None
+    assert stored.messages == rewritten.messages
+    assert len(record.branches) == 1
+    assert [entry.message for entry in await store.read_history(record.branches[0])] == loaded.messages
+
+
+async def test_list_conversations_most_recent_first_with_limit_and_scope(store: AgentStore) -> None:
+    for conversation_id in ["c1", "c2", "c3"]:
+        await store.save(Conversation(conversation_id=conversation_id, messages=turn()), scope="alice")
+    await store.save(Conversation(conversation_id="bob-1", messages=turn()), scope="bob")
+    again = await store.load("c1")
+    assert again is not None
+    again.messages.append(ModelRequest.user_text_prompt("more"))
+    await store.save(again)
+
+    listed = [record.conversation_id for record in await store.list_conversations()]
+    assert listed == ["c1", "bob-1", "c3", "c2"]
+    assert [record.conversation_id for record in await store.list_conversations(limit=2)] == ["c1", "bob-1"]
+    alice = await store.list_conversations(scope="alice")
+    assert [record.conversation_id for record in alice] == ["c1", "c3", "c2"]
+    assert {record.scope for record in alice} == {"alice"}
+
+
+async def test_delete_removes_the_conversation_and_its_session_events(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=turn()))
+    kept_messages = turn("kept")
+    await store.save(Conversation(conversation_id="c2", messages=kept_messages))
+    await store.add_session_event("c1", "session.end", {"transcript": []}, session_id="s1")
+    record = await store.read_record("c1")
+    assert record is not None and record.head_id is not None
+    head_id = record.head_id
+
+    await store.delete("c1")
+
+    assert await store.load("c1") is None
+    assert await store.session_events("c1") == []
+    assert [record.conversation_id for record in await store.list_conversations()] == ["c2"]
+    with pytest.raises(LookupError):
+        await store.read_entry(head_id)
+    kept = await store.load("c2")
+    assert kept is not None and kept.messages == kept_messages
+
+
+async def test_delete_removes_session_events_of_a_conversation_without_messages(store: AgentStore) -> None:
+    await store.add_session_event("c1", "session.update", {"recording_status": "completed"})
+
+    await store.delete("c1")
+
+    assert await store.session_events("c1") == []
+
+
+async def test_delete_keeps_the_messages_a_fork_shares(store: AgentStore) -> None:
+    messages = turn()
+    await store.save(Conversation(conversation_id="original", messages=messages))
+    entries = await store.load_entries("original")
+    assert entries is not None
+    await store.fork("original", at=2, new_conversation_id="fork")
+
+    await store.delete("original")
+
+    fork = await store.load("fork")
+    assert fork is not None and fork.messages == messages[:2]
+    with pytest.raises(LookupError):
+        await store.read_entry(entries[-1].id)  # Only the original reached it.
+    await store.delete("fork")
+    with pytest.raises(LookupError):
+        await store.read_entry(entries[0].id)
+
+
+async def test_session_events_round_trip_in_arrival_order(store: AgentStore) -> None:
+    before = datetime.now(UTC)
+    update = {"type": "session.update", "recording_status": "completed", "recording_url": "https://example.com/r.wav"}
+    end = {"type": "session.end", "transcript": [{"role": "user", "text": "hi"}], "latency": {"p50_ms": 310.5}}
+    await store.add_session_event("c1", "session.update", update, session_id="s1")
+    await store.add_session_event("c1", "session.end", end, session_id="s1")
+    await store.add_session_event("c2", "session.end", {}, session_id=None)
+
+    events = await store.session_events("c1")
+
+    assert [(event.event_type, event.session_id, event.payload) for event in events] == [
+        ("session.update", "s1", update),
+        ("session.end", "s1", end),
+    ]
+    assert before <= events[0].received_at <= events[1].received_at <= datetime.now(UTC)
+    assert await store.session_events("unknown") == []
+
+
+async def test_concurrent_writers_lose_no_update(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="shared"))
+    conflicts = 0
+
+    async def append(index: int) -> None:
+        nonlocal conflicts
+        while True:
+            conversation = await store.load("shared")
+            assert conversation is not None
+            conversation.messages.append(ModelRequest.user_text_prompt(f"message {index}"))
+            try:
+                await store.save(conversation)
+                return
+            except ConversationConflict:
+                conflicts += 1
+
+    await asyncio.gather(*(append(index) for index in range(20)))
+
+    stored = await store.load("shared")
+    assert stored is not None
+    assert sorted(texts(stored)) == sorted(f"message {index}" for index in range(20))

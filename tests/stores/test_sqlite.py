@@ -1,0 +1,360 @@
+"""What the SQLite backend promises beyond the contract: durability, migrations, locking, several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from pydantic_ai.conversation import Conversation
+from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
+from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
+
+from layercode_agent.stores import (
+    MemoryStore,
+    SQLiteStore,
+    StoreError,
+    StoreUnavailableError,
+    open_store,
+)
+from layercode_agent.stores.sqlite import SCHEMA_VERSION
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "nested" / "conversations.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    async with SQLiteStore(db_path) as opened:
+        yield opened
+
+
+def exchange(prompt: str) -> list[ModelRequest | ModelResponse]:
+    return [ModelRequest.user_text_prompt(prompt), ModelResponse(parts=[TextPart(content=f"answer to {prompt}")])]
+
+
+def pragma(path: Path, name: str) -> object:
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        connection.close()
+
+
+async def test_opens_in_wal_mode_with_the_current_schema(store: SQLiteStore, db_path: Path) -> None:
+    assert await anyio.Path(db_path).exists()
+    assert pragma(db_path, "journal_mode") == "wal"
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    connection = sqlite3.connect(db_path)
+    try:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        connection.close()
+    assert {"records", "entries", "session_events"} <= tables
+    assert store.description == f"SQLite at {db_path}"
+
+
+async def test_conversations_survive_reopening(db_path: Path) -> None:
+    messages = exchange("remember me")
+    async with SQLiteStore(db_path) as first:
+        await first.save(Conversation(conversation_id="c1", messages=messages))
+        await first.add_session_event("c1", "session.end", {"transcript": ["remember me"]}, session_id="s1")
+
+    async with SQLiteStore(db_path) as second:
+        loaded = await second.load("c1")
+        events = await second.session_events("c1")
+
+    assert loaded is not None and loaded.messages == messages
+    assert [event.payload for event in events] == [{"transcript": ["remember me"]}]
+
+
+async def test_reopening_the_current_schema_changes_nothing(db_path: Path) -> None:
+    async with SQLiteStore(db_path):
+        pass
+    async with SQLiteStore(db_path):
+        pass
+
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+
+
+async def test_a_database_from_newer_code_is_refused(db_path: Path) -> None:
+    async with SQLiteStore(db_path):
+        pass
+    connection = sqlite3.connect(db_path)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        SQLiteStore(db_path)
+
+
+async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    await anyio.Path(path).write_text("not a database, just a long enough line of text to fill the header " * 10)
+
+    with pytest.raises(StoreError, match=str(path)):
+        SQLiteStore(path)
+
+
+async def test_a_held_write_lock_surfaces_as_unavailable(db_path: Path) -> None:
+    async with SQLiteStore(db_path, busy_timeout_ms=20) as store:
+        await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
+        loaded = await store.load("c1")
+        assert loaded is not None
+        loaded.messages.extend(exchange("two"))
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailableError, match="locked"):
+                await store.save(loaded)
+            assert await store.load("c1") is not None  # WAL: reads go on while another writer holds the lock.
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+        await store.save(loaded)  # Nothing was half-written, so the same save now succeeds.
+        stored = await store.load("c1")
+        assert stored is not None and stored.messages == loaded.messages
+
+
+async def test_a_write_after_a_released_entry_conflicts_and_writes_nothing(store: SQLiteStore) -> None:
+    orphan = ConversationEntry(parent_id="gone", message=ModelRequest.user_text_prompt("lost"))
+    record = ConversationRecord(conversation_id="c1", head_id=orphan.id)
+
+    with pytest.raises(ConversationConflict):
+        await store.write_record(record, new_entries=[orphan], expected_revision=None)
+
+    assert await store.read_record("c1") is None
+    with pytest.raises(LookupError):
+        await store.read_entry(orphan.id)
+
+
+async def test_a_missing_head_or_broken_chain_is_a_lookup_error(store: SQLiteStore) -> None:
+    with pytest.raises(LookupError):
+        await store.read_history("missing")
+    await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
+    entries = await store.load_entries("c1")
+    assert entries is not None
+    assert await store.read_history(entries[-1].id, limit=1) == entries[-1:]
+    assert await store.read_history(None) == []
+
+
+async def test_read_entry_returns_the_stored_entry(store: SQLiteStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
+    entries = await store.load_entries("c1")
+    assert entries is not None
+
+    assert await store.read_entry(entries[1].id) == entries[1]
+
+
+async def test_a_record_pointing_at_a_missing_head_conflicts(store: SQLiteStore) -> None:
+    with pytest.raises(ConversationConflict):
+        await store.write_record(ConversationRecord(conversation_id="c1", head_id="gone"), expected_revision=None)
+
+
+async def test_damaged_rows_are_reported_not_misread(store: SQLiteStore, db_path: Path) -> None:
+    message = '{"kind": "request", "parts": [{"part_kind": "user-prompt", "content": "hi"}]}'
+    connection = sqlite3.connect(db_path)  # Foreign keys are off on this connection, as in a hand-edited file.
+    with connection:
+        connection.execute("INSERT INTO entries VALUES ('orphan', 'gone', 'c1', 'message', ?)", (message,))
+        connection.execute("INSERT INTO entries VALUES ('summary', NULL, 'c1', 'summary', ?)", (message,))
+    connection.close()
+
+    with pytest.raises(LookupError):
+        await store.read_history("orphan")
+    with pytest.raises(StoreError, match="kind 'summary'"):
+        await store.read_history("summary")
+
+
+async def test_a_path_below_a_file_is_refused(tmp_path: Path) -> None:
+    await anyio.Path(tmp_path / "file").write_text("")
+
+    with pytest.raises(StoreError, match="Cannot open"):
+        SQLiteStore(tmp_path / "file" / "conversations.db")
+
+
+async def test_a_closed_store_refuses_work(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    await store.aclose()
+    await store.aclose()
+
+    with pytest.raises(StoreError, match="closed"):
+        await store.load("c1")
+
+
+def count_entries(path: Path) -> int:
+    connection = sqlite3.connect(path)
+    try:
+        return int(connection.execute("SELECT count(*) FROM entries").fetchone()[0])
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_deleting_collects_the_same_entries_as_the_memory_store(db_path: Path, seed: int) -> None:
+    """Random saves, rewrites, forks, branches and deletes: SQLite keeps exactly what pydantic-ai's reference keeps."""
+    rng = random.Random(seed)
+    memory = MemoryStore()
+    live: list[str] = []
+    async with SQLiteStore(db_path) as sqlite:
+        for step in range(80):
+            message = ModelRequest.user_text_prompt(f"message {step}")
+            operation = (
+                rng.choice(["new", "append", "append", "rewrite", "fork", "branch", "delete"]) if live else "new"
+            )
+            conversation_id = rng.choice(live) if live else ""
+            if operation == "new":
+                live.append(f"c{step}")
+            elif operation == "fork":
+                live.append(f"fork{step}")
+            elif operation == "delete":
+                live.remove(conversation_id)
+            cut = rng.random()
+            for store in (memory, sqlite):
+                loaded = await store.load(conversation_id) if operation != "new" else None
+                at = round(cut * len(loaded.messages)) if loaded is not None else 0
+                if operation == "new":
+                    await store.save(Conversation(conversation_id=live[-1], messages=[message]))
+                elif operation == "append" and loaded is not None:
+                    loaded.messages.append(message)
+                    await store.save(loaded)
+                elif operation == "rewrite" and loaded is not None:
+                    rewritten = [*loaded.messages[:at], message]
+                    await store.save(
+                        Conversation(conversation_id=conversation_id, messages=rewritten, revision=loaded.revision)
+                    )
+                elif operation == "fork":
+                    await store.fork(conversation_id, at=at, new_conversation_id=live[-1])
+                elif operation == "branch" and loaded is not None:
+                    await store.branch(conversation_id, at=at, expected_revision=loaded.revision)
+                elif operation == "delete":
+                    await store.delete(conversation_id)
+            for kept in live:
+                expected, actual = await memory.load(kept), await sqlite.load(kept)
+                assert expected is not None and actual is not None
+                assert actual.messages == expected.messages
+            assert count_entries(db_path) == len(memory._entries), (step, operation)
+
+
+WRITER = """
+import asyncio, sys, time
+from pathlib import Path
+from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.messages import ModelRequest
+from layercode_agent.stores import SQLiteStore
+
+async def main(path: str, name: str, count: int, ready: str, other: str) -> None:
+    conflicts = 0
+    async with SQLiteStore(path) as store:
+        Path(ready).touch()
+        while not Path(other).exists():  # Start together, so the writes really interleave.
+            await asyncio.sleep(0.005)
+        for index in range(count):
+            while True:
+                conversation = await store.load("shared")
+                assert conversation is not None
+                conversation.messages.append(ModelRequest.user_text_prompt(f"{name} {index}"))
+                try:
+                    await store.save(conversation)
+                    break
+                except ConversationConflict:
+                    conflicts += 1
+    print(conflicts)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
+"""
+
+
+async def test_two_processes_appending_lose_no_update(db_path: Path, tmp_path: Path) -> None:
+    count = 30
+    async with SQLiteStore(db_path) as store:
+        await store.save(Conversation(conversation_id="shared"))
+    ready = {name: str(tmp_path / f"{name}.ready") for name in ("a", "b")}
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WRITER,
+            str(db_path),
+            name,
+            str(count),
+            ready[name],
+            ready["b" if name == "a" else "a"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for name in ("a", "b")
+    ]
+    outputs = [await process.communicate() for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr.decode()
+
+    async with SQLiteStore(db_path) as store:
+        stored = await store.load("shared")
+    assert stored is not None
+    prompts = [
+        part.content for message in stored.messages for part in message.parts if isinstance(part, UserPromptPart)
+    ]
+    for name in ("a", "b"):
+        assert [prompt for prompt in prompts if str(prompt).startswith(name)] == [f"{name} {i}" for i in range(count)]
+    assert len(prompts) == 2 * count
+
+
+async def test_open_store_sqlite_path_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///data/conversations.db")
+    async with store:
+        assert isinstance(store, SQLiteStore)
+        assert store.path == Path("data/conversations.db")
+        assert store.description == "SQLite at data/conversations.db"
+    assert await anyio.Path(tmp_path / "data" / "conversations.db").exists()
+
+
+async def test_open_store_sqlite_with_four_slashes_is_absolute(tmp_path: Path) -> None:
+    path = tmp_path / "absolute.db"
+    assert str(path).startswith("/")
+
+    async with open_store(f"sqlite:///{path}") as store:
+        assert isinstance(store, SQLiteStore)
+        assert store.path == path
+    assert await anyio.Path(path).exists()
+
+
+async def test_open_store_memory() -> None:
+    async with open_store("memory://") as store:
+        assert isinstance(store, MemoryStore)
+        assert store.description == "in memory (single process only)"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://:hunter2@localhost:6379/0", "redis:// stores are not available yet"),
+        ("rediss://localhost", "redis:// stores are not available yet"),
+        ("postgres://user:hunter2@db/agent", "Unsupported store URL scheme 'postgres'; use memory://"),
+        ("data/conversations.db", "has no scheme"),
+        ("sqlite://", "sqlite:///relative/path.db"),
+        ("sqlite:///", "sqlite:///relative/path.db"),
+        ("memory://somewhere", "takes no path"),
+    ],
+)
+async def test_open_store_rejects_what_it_cannot_open(url: str, message: str) -> None:
+    with pytest.raises(StoreError, match=message) as raised:
+        open_store(url)
+    assert "hunter2" not in str(raised.value)
