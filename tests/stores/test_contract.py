@@ -26,11 +26,6 @@ from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AgentStore]:
     backend: AgentStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "conversations.db")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, TypedDict
 
 from pydantic_ai import RunContext
-from pydantic_ai.exceptions import ModelAPIError, ModelContextWindowExceededError, ModelServerError
+from pydantic_ai.exceptions import ModelAPIError, ModelContextWindowExceededError, ModelServerError, UserError
 from pydantic_ai.messages import (
     BaseToolCallPart,
     CachePoint,
@@ -124,8 +124,11 @@ _FIT_ATTEMPTS: Final = 3
 _CONTEXT_OVERFLOW: Final = "exceed_context_size_error"
 
 
-class LocalModelUnavailable(RuntimeError):
-    """The embedded model cannot run: its optional packages are missing or the weights failed to load."""
+class LocalModelUnavailable(UserError):
+    """The embedded model cannot run: its optional packages are missing or the weights failed to load.
+
+    A `RuntimeError`, and a pydantic-ai `UserError` so it is reported like any other bad model configuration.
+    """
 
 
 class ChatMessage(TypedDict):
@@ -286,9 +289,7 @@ def _load() -> LocalEngine:
     try:
         xllamacpp: Any = importlib.import_module("xllamacpp")
     except ImportError as exc:
-        raise LocalModelUnavailable(
-            f"The embedded model's runtime (xllamacpp) is not installed; {INSTALL_HINT}"
-        ) from exc
+        raise LocalModelUnavailable(_MISSING_RUNTIME) from exc
 
     n_threads = os.cpu_count() or 1
     params = xllamacpp.CommonParams()
