@@ -229,8 +229,9 @@ class TurnRunner:
                 exc,
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
-            spoken.append((" " if spoken else "") + self.apology)
-            yield TTSResponse(content=(" " if len(spoken) > 1 else "") + self.apology, turn_id=turn_id)
+            apology = (" " if spoken else "") + self.apology
+            spoken.append(apology)
+            yield TTSResponse(content=apology, turn_id=turn_id)
             try:
                 await self._append(conversation.conversation_id, [_assistant("".join(spoken), turn_id, "failed")])
             except StoreError:
