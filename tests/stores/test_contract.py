@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from pydantic_ai.conversation import Conversation
-from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -247,3 +248,129 @@ async def test_concurrent_writers_lose_no_update(store: AgentStore) -> None:
     stored = await store.load("shared")
     assert stored is not None
     assert sorted(texts(stored)) == sorted(f"message {index}" for index in range(20))
+
+
+# --- Markers: the short-lived values workers coordinate through -------------------------------------
+
+
+async def test_a_marker_is_set_read_and_deleted(store: AgentStore) -> None:
+    assert await store.set_marker("c1", "cancel", "turn-1", ttl=30) is None
+    await store.set_marker("", "worker:a", "alive", ttl=30)
+
+    assert await store.get_markers([("c1", "cancel"), ("c1", "other"), ("", "worker:a"), ("c2", "cancel")]) == [
+        "turn-1",
+        None,
+        "alive",
+        None,
+    ]
+    assert await store.set_marker("c1", "cancel", "turn-2", ttl=30) is None  # Overwrites.
+    assert await store.get_markers([("c1", "cancel")]) == ["turn-2"]
+    await store.delete_marker("c1", "cancel")
+    await store.delete_marker("c1", "never-set")
+    assert await store.get_markers([("c1", "cancel")]) == [None]
+    assert await store.get_markers([]) == []
+
+
+async def test_only_if_absent_claims_a_marker_once(store: AgentStore) -> None:
+    results = await asyncio.gather(
+        *(store.set_marker("c1", "delivery:abc", f"worker-{index}", ttl=30, only_if_absent=True) for index in range(8))
+    )
+
+    winners = [index for index, result in enumerate(results) if result is None]
+    assert len(winners) == 1
+    assert set(results) - {None} == {f"worker-{winners[0]}"}
+    assert await store.get_markers([("c1", "delivery:abc")]) == [f"worker-{winners[0]}"]
+
+
+async def test_markers_expire(store: AgentStore) -> None:
+    await store.set_marker("c1", "short", "x", ttl=0.2)
+    await store.set_marker("c1", "long", "y", ttl=30)
+
+    await asyncio.sleep(0.4)
+
+    assert await store.get_markers([("c1", "short"), ("c1", "long")]) == [None, "y"]
+    assert await store.set_marker("c1", "short", "again", ttl=30, only_if_absent=True) is None
+
+
+async def test_a_marker_needs_a_positive_ttl(store: AgentStore) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        await store.set_marker("c1", "x", "y", ttl=0)
+
+
+async def test_delete_removes_the_markers_of_the_conversation(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=turn()))
+    await store.set_marker("c1", "delivery:abc", "done", ttl=30)
+    await store.set_marker("c2", "delivery:abc", "done", ttl=30)  # A conversation without messages.
+    await store.set_marker("c3", "delivery:abc", "kept", ttl=30)
+
+    await store.delete("c1")
+    await store.delete("c2")
+
+    assert await store.get_markers([("c1", "delivery:abc"), ("c2", "delivery:abc"), ("c3", "delivery:abc")]) == [
+        None,
+        None,
+        "kept",
+    ]
+
+
+# --- Replacing the newest messages (a turn's placeholder becoming its reply) --------------------------
+
+
+async def replace_last(store: AgentStore, conversation_id: str, messages: list[ModelMessage]) -> list[str]:
+    """Replace the newest entry of a conversation with `messages`; returns the released entry ids."""
+    record = await store.read_record(conversation_id)
+    assert record is not None and record.head_id is not None
+    head = await store.read_entry(record.head_id)
+    parent_id = head.parent_id
+    entries: list[ConversationEntry] = []
+    for message in messages:
+        entries.append(ConversationEntry(parent_id=parent_id, message=message))
+        parent_id = entries[-1].id
+    replaced = dataclasses.replace(record, head_id=parent_id, revision=f"{record.revision}+")
+    await store.write_record_replacing(
+        replaced, new_entries=entries, expected_revision=record.revision, released=[head.id]
+    )
+    return [head.id]
+
+
+async def test_replacing_the_newest_message_leaves_no_branch(store: AgentStore) -> None:
+    messages = turn()
+    placeholder = ModelResponse(parts=[], metadata={"status": "pending"})
+    await store.save(Conversation(conversation_id="c1", messages=[*messages[:1], placeholder]))
+
+    await replace_last(store, "c1", messages[1:])
+
+    loaded = await store.load("c1")
+    assert loaded is not None and loaded.messages == messages
+    record = await store.read_record("c1")
+    assert record is not None and record.branches == []
+
+
+async def test_a_replaced_message_is_gone_once_the_conversation_is_deleted(store: AgentStore) -> None:
+    messages = turn()
+    await store.save(Conversation(conversation_id="c1", messages=[*messages[:1], ModelResponse(parts=[])]))
+    (released,) = await replace_last(store, "c1", messages[1:])
+
+    await store.delete("c1")
+
+    with pytest.raises(LookupError):
+        await store.read_entry(released)
+
+
+async def test_replacing_with_a_stale_revision_conflicts_and_changes_nothing(store: AgentStore) -> None:
+    messages = turn()
+    await store.save(Conversation(conversation_id="c1", messages=[*messages[:1], ModelResponse(parts=[])]))
+    record = await store.read_record("c1")
+    assert record is not None
+    conversation = await store.load("c1")
+    assert conversation is not None
+    conversation.messages.append(ModelRequest.user_text_prompt("in between"))
+    await store.save(conversation)
+
+    with pytest.raises(ConversationConflict):
+        await store.write_record_replacing(
+            dataclasses.replace(record, revision="new"), expected_revision=record.revision, released=[]
+        )
+
+    loaded = await store.load("c1")
+    assert loaded is not None and texts(loaded)[-1] == "in between"

@@ -5,6 +5,11 @@ pydantic-ai's store keeps the messages of a conversation. A Layercode session al
 status and URL). Those bodies belong to the same conversation, so each backend keeps them beside its
 messages and deletes them with it: deleting a conversation removes everything about it.
 
+Workers and servers sharing a store also coordinate through it, with **markers**: small string
+values with an expiry, set atomically (`only_if_absent` is the claim of a webhook delivery), read in
+batches (a worker polling for requests to cancel the turns it streams) and deleted with their
+conversation. Markers that belong to no conversation (worker heartbeats) use `conversation_id=""`.
+
 Exceptions (driver errors are translated at each backend's boundary with `raise ... from exc`)::
 
     StoreError                  anything a backend could not do, including a misconfigured store URL
@@ -18,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
-from pydantic_ai.conversation_store import ConversationStore
+from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord, ConversationStore
 
 __all__ = ["AgentStore", "SessionEventRecord", "StoreError", "StoreUnavailableError"]
 
@@ -88,23 +94,76 @@ class AgentStore(ConversationStore, ABC):
     async def session_events(self, conversation_id: str) -> list[SessionEventRecord]:
         """The session events kept for a conversation, in the order they arrived (empty if none)."""
 
-    @abstractmethod
-    async def _delete_unrecorded_session_events(self, conversation_id: str) -> None:
-        """Delete a conversation's session events if the store has no record for it.
+    @property
+    def shared(self) -> bool:
+        """Whether other processes can see this store (and so may be running turns of the same conversation)."""
+        return True
 
-        `delete_record` removes the events of a conversation with a record; this covers a
-        conversation that only ever received session events, without touching a conversation
-        that another writer saved in the meantime.
+    # --- Markers ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def set_marker(
+        self, conversation_id: str, name: str, value: str, *, ttl: float, only_if_absent: bool = False
+    ) -> str | None:
+        """Set a marker that expires `ttl` seconds from now, atomically.
+
+        Args:
+            conversation_id: The conversation it belongs to, or `""` for none.
+            name: Its name within the conversation.
+            value: The value to store.
+            ttl: Seconds until it expires; must be positive.
+            only_if_absent: Only set it if no unexpired marker has this key (a claim).
+
+        Returns:
+            `None` if it was set; with `only_if_absent`, the value already there if there was one.
+        """
+
+    @abstractmethod
+    async def get_markers(self, keys: Sequence[tuple[str, str]]) -> list[str | None]:
+        """The live markers' values at `(conversation_id, name)` keys, `None` where there is none; one round trip."""
+
+    @abstractmethod
+    async def delete_marker(self, conversation_id: str, name: str) -> None:
+        """Delete a marker; nothing happens if there is none."""
+
+    # --- Replacing the newest messages --------------------------------------------------------------
+
+    async def write_record_replacing(
+        self,
+        record: ConversationRecord,
+        *,
+        new_entries: Sequence[ConversationEntry] = (),
+        expected_revision: str | None,
+        released: Sequence[str] = (),
+    ) -> None:
+        """`write_record` for a history whose newest entries were replaced, not left as a branch.
+
+        A turn's placeholder becomes its reply this way. `released` names the entries the new head no
+        longer reaches; a backend that can deletes those nothing else reaches in the same atomic
+        write. This default keeps them until the conversation is deleted.
+
+        Raises:
+            ConversationConflict: As `write_record`.
+        """
+        await self.write_record(record, new_entries=new_entries, expected_revision=expected_revision)
+
+    @abstractmethod
+    async def _delete_unrecorded_extras(self, conversation_id: str) -> None:
+        """Delete a conversation's session events and markers if the store has no record for it.
+
+        `delete_record` removes those of a conversation with a record; this covers a conversation
+        that only ever received session events or markers, without touching a conversation that
+        another writer saved in the meantime.
         """
 
     async def delete(self, conversation_id: str, *, scope: str | None = None) -> None:
-        """Delete a conversation: its record, its session events, and the messages no other conversation shares.
+        """Delete a conversation: its record, session events, markers, and the messages no other conversation shares.
 
         Messages a fork or another conversation's history still reaches are kept for it. With `scope`,
         a conversation saved with another scope is left as it is.
         """
         await super().delete(conversation_id, scope=scope)
-        await self._delete_unrecorded_session_events(conversation_id)
+        await self._delete_unrecorded_extras(conversation_id)
 
     async def aclose(self) -> None:
         """Release connections and threads; the store must not be used afterwards."""

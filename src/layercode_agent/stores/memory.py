@@ -6,10 +6,12 @@ shared between workers, which is why the start-up banner says so.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_ai.conversation_store import InMemoryConversationStore
+from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord, InMemoryConversationStore
 
 from ._serialization import dump_payload, load_payload
 from .base import AgentStore, SessionEventRecord
@@ -27,11 +29,18 @@ class MemoryStore(InMemoryConversationStore, AgentStore):
     def __init__(self) -> None:
         super().__init__()
         self._session_events: dict[str, list[SessionEventRecord]] = {}
+        # (conversation_id, name) -> (value, monotonic expiry)
+        self._markers: dict[tuple[str, str], tuple[str, float]] = {}
 
     @property
     def description(self) -> str:
         """Human text for the start-up banner."""
         return "in memory (single process only)"
+
+    @property
+    def shared(self) -> bool:
+        """Never: only this process sees it."""
+        return False
 
     async def add_session_event(
         self,
@@ -63,11 +72,64 @@ class MemoryStore(InMemoryConversationStore, AgentStore):
             for event in self._session_events.get(conversation_id, [])
         ]
 
-    async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
-        """Delete the record, its session events, and the entries no remaining record or branch reaches."""
-        await super().delete_record(conversation_id, expected_revision=expected_revision)
-        self._session_events.pop(conversation_id, None)
+    async def set_marker(
+        self, conversation_id: str, name: str, value: str, *, ttl: float, only_if_absent: bool = False
+    ) -> str | None:
+        """Set a marker that expires `ttl` seconds from now; with `only_if_absent`, return the live value instead."""
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        key = (conversation_id, name)
+        if only_if_absent and (current := self._live(key)) is not None:
+            return current
+        self._markers[key] = (value, time.monotonic() + ttl)
+        return None
 
-    async def _delete_unrecorded_session_events(self, conversation_id: str) -> None:
+    async def get_markers(self, keys: Sequence[tuple[str, str]]) -> list[str | None]:
+        """The live values at `keys`, `None` where there is none."""
+        return [self._live(key) for key in keys]
+
+    async def delete_marker(self, conversation_id: str, name: str) -> None:
+        """Delete a marker if there is one."""
+        self._markers.pop((conversation_id, name), None)
+
+    def _live(self, key: tuple[str, str]) -> str | None:
+        marker = self._markers.get(key)
+        if marker is None:
+            return None
+        if marker[1] <= time.monotonic():
+            del self._markers[key]
+            return None
+        return marker[0]
+
+    async def write_record_replacing(
+        self,
+        record: ConversationRecord,
+        *,
+        new_entries: Sequence[ConversationEntry] = (),
+        expected_revision: str | None,
+        released: Sequence[str] = (),
+    ) -> None:
+        """Write the record, then drop the released entries that nothing reaches any more."""
+        await self.write_record(record, new_entries=new_entries, expected_revision=expected_revision)
+        if not released:
+            return
+        gone = set(released)
+        referenced = {entry.parent_id for entry in self._entries.values() if entry.id not in gone}
+        for stored in self._records.values():
+            referenced.update([stored.head_id, *stored.branches])
+        for entry_id in gone - referenced:
+            self._entries.pop(entry_id, None)
+
+    async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
+        """Delete the record, its session events and markers, and the entries no remaining record or branch reaches."""
+        await super().delete_record(conversation_id, expected_revision=expected_revision)
+        self._drop_extras(conversation_id)
+
+    async def _delete_unrecorded_extras(self, conversation_id: str) -> None:
         if conversation_id not in self._records:
-            self._session_events.pop(conversation_id, None)
+            self._drop_extras(conversation_id)
+
+    def _drop_extras(self, conversation_id: str) -> None:
+        self._session_events.pop(conversation_id, None)
+        for key in [key for key in self._markers if key[0] == conversation_id]:
+            del self._markers[key]

@@ -12,9 +12,9 @@ Why it is shaped like this:
 - **Versioned schema**: `PRAGMA user_version` counts the migrations applied; all pending ones run in
   one transaction at open, and a database written by newer code is refused rather than misread.
 
-Deleting a conversation removes its record, its session events and every message no remaining
-conversation reaches (as its head or a branch it left). Messages a fork shares stay for the fork;
-they go when the last conversation reaching them is deleted.
+Deleting a conversation removes its record, its session events, its markers and every message no
+remaining conversation reaches (as its head or a branch it left), including replaced ones it wrote.
+Messages a fork shares stay for the fork; they go when the last conversation reaching them is deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -88,6 +89,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX session_events_conversation_id ON session_events (conversation_id, id)",
     ),
+    # 2: markers, the short-lived values workers coordinate through (delivery claims, cancel requests).
+    (
+        """
+        CREATE TABLE markers (
+            conversation_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            value TEXT NOT NULL,
+            expires_at REAL NOT NULL,  -- Unix time: every process on the host shares the clock
+            PRIMARY KEY (conversation_id, name)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX markers_expires_at ON markers (expires_at)",
+    ),
 )
 """Schema changes in order; migration `n` (1-based) brings `user_version` from `n - 1` to `n`. Only ever append."""
 
@@ -142,6 +156,17 @@ DELETE FROM entries WHERE id IN (SELECT id FROM family EXCEPT SELECT id FROM rea
 
 Bounded by the deleted conversation and its forks, not by the size of the database.
 """
+
+_DELETE_IF_UNREFERENCED_SQL = """
+DELETE FROM entries WHERE id = :id
+AND NOT EXISTS (SELECT 1 FROM entries AS child WHERE child.parent_id = :id)
+AND NOT EXISTS (SELECT 1 FROM records WHERE head_id = :id)
+AND NOT EXISTS (
+    SELECT 1 FROM records, json_each(records.branches) AS branch
+    WHERE records.branches <> '[]' AND branch.value = :id
+)
+"""
+"""Delete an entry a replaced history released, unless an entry, a head or a branch still points at it."""
 
 
 class SQLiteStore(AgentStore):
@@ -217,6 +242,30 @@ class SQLiteStore(AgentStore):
             ConversationConflict: If another writer saved or deleted the conversation first, or the
                 history it continues was released by a concurrent delete.
         """
+        await self._write(record, new_entries, expected_revision, ())
+
+    async def write_record_replacing(
+        self,
+        record: ConversationRecord,
+        *,
+        new_entries: Sequence[ConversationEntry] = (),
+        expected_revision: str | None,
+        released: Sequence[str] = (),
+    ) -> None:
+        """`write_record`, deleting in the same transaction the `released` entries nothing else reaches.
+
+        Raises:
+            ConversationConflict: As `write_record`.
+        """
+        await self._write(record, new_entries, expected_revision, released)
+
+    async def _write(
+        self,
+        record: ConversationRecord,
+        new_entries: Sequence[ConversationEntry],
+        expected_revision: str | None,
+        released: Sequence[str],
+    ) -> None:
         # Serialised here, before the hop, so later changes to the objects can't leak into the write.
         row = (
             record.conversation_id,
@@ -231,10 +280,14 @@ class SQLiteStore(AgentStore):
             (entry.id, entry.parent_id, record.conversation_id, entry.kind, dump_message(entry.message))
             for entry in new_entries
         ]
-        await self._run(partial(_write_record, row=row, entries=entries, expected_revision=expected_revision))
+        await self._run(
+            partial(
+                _write_record, row=row, entries=entries, expected_revision=expected_revision, released=list(released)
+            )
+        )
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
-        """Delete the record, its session events, and the entries no remaining record or branch reaches.
+        """Delete the record, its session events and markers, and the entries no remaining record or branch reaches.
 
         Raises:
             ConversationConflict: If no record with `expected_revision` is stored.
@@ -278,8 +331,37 @@ class SQLiteStore(AgentStore):
         """The session events kept for a conversation, in the order they arrived."""
         return await self._run(partial(_session_events, conversation_id=conversation_id))
 
-    async def _delete_unrecorded_session_events(self, conversation_id: str) -> None:
-        await self._run(partial(_delete_unrecorded_session_events, conversation_id=conversation_id))
+    async def _delete_unrecorded_extras(self, conversation_id: str) -> None:
+        await self._run(partial(_delete_unrecorded_extras, conversation_id=conversation_id))
+
+    # --- Markers ----------------------------------------------------------------------------------
+
+    async def set_marker(
+        self, conversation_id: str, name: str, value: str, *, ttl: float, only_if_absent: bool = False
+    ) -> str | None:
+        """Set a marker that expires `ttl` seconds from now; with `only_if_absent`, return the live value instead."""
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        return await self._run(
+            partial(
+                _set_marker,
+                key=(conversation_id, name),
+                value=value,
+                ttl=ttl,
+                only_if_absent=only_if_absent,
+            )
+        )
+
+    async def get_markers(self, keys: Sequence[tuple[str, str]]) -> list[str | None]:
+        """The live values at `keys`, `None` where there is none, in one query."""
+        if not keys:
+            return []
+        found = await self._run(partial(_get_markers, keys=list(keys)))
+        return [found.get(key) for key in keys]
+
+    async def delete_marker(self, conversation_id: str, name: str) -> None:
+        """Delete a marker if there is one."""
+        await self._run(partial(_delete_marker, key=(conversation_id, name)))
 
     # --- Plumbing ---------------------------------------------------------------------------------
 
@@ -395,6 +477,7 @@ def _write_record(
     row: tuple[str, str, str | None, str | None, str, str, str],
     entries: list[tuple[str, str | None, str, str, str]],
     expected_revision: str | None,
+    released: list[str],
 ) -> None:
     conversation_id, _, head_id, *_ = row
     with _transaction(connection):
@@ -429,6 +512,9 @@ def _write_record(
             """,
             row,
         )
+        # Newest first, so an entry's released child is gone before the entry is checked.
+        for entry_id in reversed(released):
+            connection.execute(_DELETE_IF_UNREFERENCED_SQL, {"id": entry_id})
 
 
 def _delete_record(connection: sqlite3.Connection, *, conversation_id: str, expected_revision: str) -> None:
@@ -439,9 +525,19 @@ def _delete_record(connection: sqlite3.Connection, *, conversation_id: str, expe
         if stored is None or stored[0] != expected_revision:
             raise ConversationConflict(conversation_id)
         _, head_id, branches = stored
-        tips: list[str] = [*([head_id] if head_id is not None else []), *json.loads(branches)]
+        # Its head, the branches it left, and any entry it wrote that a replacement left unreachable.
+        written = [
+            entry_id
+            for (entry_id,) in connection.execute(
+                "SELECT id FROM entries WHERE conversation_id = ? "
+                "AND NOT EXISTS (SELECT 1 FROM entries AS child WHERE child.parent_id = entries.id)",
+                (conversation_id,),
+            )
+        ]
+        tips: list[str] = [*([head_id] if head_id is not None else []), *json.loads(branches), *written]
         connection.execute("DELETE FROM records WHERE conversation_id = ?", (conversation_id,))
         connection.execute("DELETE FROM session_events WHERE conversation_id = ?", (conversation_id,))
+        connection.execute("DELETE FROM markers WHERE conversation_id = ?", (conversation_id,))
         connection.execute(_DELETE_UNREACHABLE_SQL, {"tips": json.dumps(tips)})
 
 
@@ -485,9 +581,48 @@ def _session_events(connection: sqlite3.Connection, *, conversation_id: str) -> 
     ]
 
 
-def _delete_unrecorded_session_events(connection: sqlite3.Connection, *, conversation_id: str) -> None:
-    connection.execute(
-        "DELETE FROM session_events WHERE conversation_id = :id "
-        "AND NOT EXISTS (SELECT 1 FROM records WHERE conversation_id = :id)",
-        {"id": conversation_id},
-    )
+def _delete_unrecorded_extras(connection: sqlite3.Connection, *, conversation_id: str) -> None:
+    with _transaction(connection):
+        for table in ("session_events", "markers"):
+            connection.execute(
+                f"DELETE FROM {table} WHERE conversation_id = :id "
+                "AND NOT EXISTS (SELECT 1 FROM records WHERE conversation_id = :id)",
+                {"id": conversation_id},
+            )
+
+
+def _set_marker(
+    connection: sqlite3.Connection, *, key: tuple[str, str], value: str, ttl: float, only_if_absent: bool
+) -> str | None:
+    now = time.time()
+    with _transaction(connection):
+        connection.execute("DELETE FROM markers WHERE expires_at <= ?", (now,))
+        if only_if_absent:
+            row = connection.execute("SELECT value FROM markers WHERE conversation_id = ? AND name = ?", key).fetchone()
+            if row is not None:
+                return str(row[0])
+        connection.execute(
+            "INSERT INTO markers (conversation_id, name, value, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (conversation_id, name) "
+            "DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+            (*key, value, now + ttl),
+        )
+    return None
+
+
+def _get_markers(connection: sqlite3.Connection, *, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    found: dict[tuple[str, str], str] = {}
+    now = time.time()
+    for start in range(0, len(keys), 400):  # Within SQLite's limit on bound parameters.
+        batch = keys[start : start + 400]
+        rows = connection.execute(
+            "SELECT conversation_id, name, value FROM markers WHERE expires_at > ? "
+            f"AND (conversation_id, name) IN (VALUES {', '.join(['(?, ?)'] * len(batch))})",
+            (now, *(part for key in batch for part in key)),
+        )
+        found.update({(conversation_id, name): value for conversation_id, name, value in rows})
+    return found
+
+
+def _delete_marker(connection: sqlite3.Connection, *, key: tuple[str, str]) -> None:
+    connection.execute("DELETE FROM markers WHERE conversation_id = ? AND name = ?", key)
