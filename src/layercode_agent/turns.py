@@ -1,26 +1,42 @@
 """The use case: one webhook in, the events to stream back out, and the conversation kept true.
 
-This is the only module that combines the Layercode protocol, the agent and the store. For a
-`message` it stores the caller's words first, then streams the agent's reply as `response.tts`
-deltas the moment the model yields them, and always ends with exactly one `response.end`:
-- the model fails, times out or returns garbage: a spoken apology, then `response.end`;
-- the caller hangs up or barges in (Layercode aborts the request): the generator is closed, the
-  run is cancelled, and the words already sent are saved by a shielded write.
+This is the only module that combines the Layercode protocol, the agent and the store. A `message`
+runs as a turn in its own task, which the HTTP response only reads from:
+
+1. **Begin**, atomically (see `history`): a duplicate delivery of a turn already in the log gets the
+   stored reply instead of a second LLM call; a turn still streaming for the same conversation is
+   stopped and closed first (latest turn wins), here or on another worker; the reply the caller
+   barged into becomes what they heard (`interruption_context.text_heard`); then the caller's words
+   and an assistant placeholder are stored, all before the model is asked anything.
+2. **Stream** the agent's reply as `response.tts` deltas the moment the model yields them.
+3. **Close** the placeholder whatever happens: the full reply; the words already sent if the caller
+   hung up or barged in (the task is cancelled, so no tool runs after the abort, and only finished
+   tool calls are kept); a spoken apology if the model failed. Every stream ends with one
+   `response.end`.
+
+Workers sharing a store find each other's turns through it: each stream's worker polls for requests
+to cancel its turns and keeps a heartbeat marker, so a turn whose worker died is taken over after at
+most `handover_timeout` seconds instead of blocking the conversation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import secrets
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_ai import AgentRunResultEvent
 from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.conversation import Conversation
-from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.conversation_store import ConversationRecord
 from pydantic_ai.messages import (
     FunctionToolCallEvent,
     FunctionToolResultEvent,
@@ -32,16 +48,36 @@ from pydantic_ai.messages import (
     PartStartEvent,
     TextPart,
     TextPartDelta,
+    ToolCallPart,
+    ToolReturnPart,
     UserPromptPart,
 )
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
+from pydantic_ai.usage import RunUsage
 
-from .agent import APOLOGY, TOOL_FILLER, CallContext, VoiceTextCleaner
+from .agent import APOLOGY, INTERRUPTED_MARK, TOOL_FILLER, CallContext, VoiceTextCleaner
+from .history import (
+    COMPLETED,
+    FAILED,
+    INTERRUPTED,
+    LOST,
+    PENDING,
+    Change,
+    History,
+    find_reply,
+    has_turn,
+    last_reply,
+    llm_messages,
+    pending_reply,
+    reply_text,
+    turn_meta,
+)
 from .protocol import (
     DataEvent,
     DataResponse,
     EndResponse,
+    InterruptionContext,
     MessageEvent,
     OutboundEvent,
     SessionEndEvent,
@@ -58,7 +94,13 @@ logger = logging.getLogger("layercode_agent.turns")
 DataHandler = Callable[[DataEvent], Awaitable[Any]]
 """Answers a `data` webhook; its return value becomes the `content` of the `response.data` reply."""
 
-_SAVE_ATTEMPTS = 8
+DELIVERY_TTL = 24 * 3600.0
+"""How long a `data`, `session.end` or `session.update` delivery is remembered, to ignore a repeat."""
+CANCEL_TTL = 60.0
+"""How long a request to cancel another worker's turn stays up."""
+HEARTBEAT_EVERY = 1.0
+HEARTBEAT_TTL = 5.0
+"""A worker streaming a turn renews its heartbeat this often; without one for this long it is gone."""
 
 
 async def default_data_handler(event: DataEvent) -> Any:
@@ -78,6 +120,63 @@ class TurnTiming:
         self.stages.setdefault(stage, round((time.perf_counter() - self.started) * 1000, 2))
 
 
+# --- What beginning a turn found ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Started:
+    messages: list[ModelMessage]
+    """The log as it now stands, ending with the new turn's messages."""
+    usage: RunUsage
+
+
+@dataclass(frozen=True)
+class _Duplicate:
+    pass
+
+
+@dataclass(frozen=True)
+class _Busy:
+    turn_id: str | None
+    owner: str | None
+
+
+class _Turn:
+    """A turn being answered: its task produces events, the HTTP response reads them."""
+
+    def __init__(self, conversation_id: str, turn_id: str) -> None:
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.queue: asyncio.Queue[OutboundEvent | None] = asyncio.Queue()
+        self.sent: list[str] = []
+        """The text the response has passed on to Layercode."""
+        self.finished = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.cancellable = False
+        """True only while the model runs: beginning and closing are never cut short."""
+        self.outcome = COMPLETED
+        self.timing = TurnTiming()
+
+    def stop(self) -> None:
+        """Stop the turn (caller gone, or a newer turn arrived); it closes with what was sent."""
+        self.stopping = True
+        if self.cancellable and self.task is not None:
+            self.task.cancel()
+
+    async def events(self) -> AsyncGenerator[OutboundEvent]:
+        """What to stream to Layercode, ending with `response.end`; stops the turn if the reader goes away."""
+        try:
+            while (event := await self.queue.get()) is not None:
+                if isinstance(event, TTSResponse):
+                    self.sent.append(event.content)
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stop()
+            raise
+        yield EndResponse(turn_id=self.turn_id)
+
+
 class TurnRunner:
     """Runs turns of any conversation; one instance serves the whole process."""
 
@@ -93,9 +192,32 @@ class TurnRunner:
         data_handler: DataHandler = default_data_handler,
         apology: str = APOLOGY,
         tool_filler: str = TOOL_FILLER,
+        interrupted_mark: str = INTERRUPTED_MARK,
+        handover_timeout: float = 3.0,
+        poll_interval: float = 0.05,
+        owner: str | None = None,
     ) -> None:
+        """Create the runner.
+
+        Args:
+            agent: The pydantic-ai agent answering turns.
+            store: Where conversations are kept.
+            model: The model to run the agent with, if the agent has none of its own.
+            model_settings: Settings for every model request.
+            welcome_message: Spoken on `session.start`; empty for none.
+            llm_timeout: Seconds a model request may take before the turn fails with an apology.
+            data_handler: Answers `data` webhooks.
+            apology: Spoken when the model fails.
+            tool_filler: Spoken while a tool runs if nothing was said yet.
+            interrupted_mark: Ends an interrupted reply in the history the model sees.
+            handover_timeout: How long a new turn waits for another worker to close the turn it
+                streams in the same conversation before closing it itself.
+            poll_interval: How often a worker checks the store for requests to cancel its turns.
+            owner: This worker's name in the store; unique per process by default.
+        """
         self.agent = agent
         self.store = store
+        self.history = History(store)
         self.model = model
         self.model_settings = model_settings
         self.welcome_message = welcome_message
@@ -103,222 +225,510 @@ class TurnRunner:
         self.data_handler = data_handler
         self.apology = apology
         self.tool_filler = tool_filler
-        # A background save is kept referenced until it finishes (RUF006).
-        self._background: set[asyncio.Task[None]] = set()
+        self.interrupted_mark = interrupted_mark
+        self.handover_timeout = handover_timeout
+        self.poll_interval = poll_interval
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._active: dict[str, _Turn] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._heartbeat_at = float("-inf")
 
     # ------------------------------------------------------------------ message
 
-    async def stream_message(self, event: MessageEvent) -> AsyncIterator[OutboundEvent]:
-        """Store the caller's words, then stream the reply; always ends with one `response.end`."""
-        turn_id = event.turn_id
-        timing = TurnTiming()
-        outcome = "completed"
+    def stream_message(self, event: MessageEvent, *, delivery: str | None = None) -> AsyncGenerator[OutboundEvent]:
+        """Answer a `message`: the reply's events as they come, ending with one `response.end`.
+
+        Args:
+            event: The webhook.
+            delivery: A digest of the signed body, to recognise the same delivery without a `turn_id`.
+        """
+        turn = _Turn(event.conversation_key, event.turn_id or delivery or f"local-{secrets.token_hex(8)}")
+        turn.task = self._spawn(self._run_turn(turn, event, delivery))
+        return turn.events()
+
+    async def _run_turn(self, turn: _Turn, event: MessageEvent, delivery: str | None) -> None:
+        put = turn.queue.put_nowait
+        timing = turn.timing
         try:
-            user_message = ModelRequest(parts=[UserPromptPart(event.text)], metadata=_turn_meta(turn_id, "user"))
+            user = ModelRequest(
+                parts=[UserPromptPart(event.text)],
+                metadata=turn_meta(turn.turn_id, "user", delivery=delivery, session_id=event.session_id),
+            )
+            placeholder = ModelResponse(
+                parts=[],
+                metadata=turn_meta(
+                    turn.turn_id,
+                    "assistant",
+                    PENDING,
+                    owner=self.owner,
+                    started_at=datetime.now(UTC).isoformat(),
+                ),
+            )
             try:
-                conversation = await self._append(event.conversation_key, [user_message])
+                began = await self._begin(turn, delivery, [user, placeholder], event.interruption_context)
             except StoreError:
-                logger.exception("could not store the caller's message (conversation %s)", event.conversation_key)
-                outcome = "failed"
-                yield TTSResponse(content=self.apology, turn_id=turn_id)
+                logger.exception("could not store the caller's message (conversation %s)", turn.conversation_id)
+                turn.outcome = FAILED
+                put(TTSResponse(content=self.apology, turn_id=turn.turn_id))
                 return
             timing.mark("history_saved")
-            async for out in self._reply(conversation, event, timing):
-                if isinstance(out, str):
-                    outcome = out
-                else:
-                    yield out
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = "interrupted"
-            raise
+            if isinstance(began, _Duplicate):
+                turn.outcome = "duplicate"
+                text = await self._stored_reply(turn.conversation_id, turn.turn_id)
+                if text:
+                    put(TTSResponse(content=text, turn_id=turn.turn_id))
+                return
+            closing, usage = await self._answer(turn, began, event)
+            try:
+                closed = await self._close(turn, closing, usage)
+            except StoreError:
+                logger.exception("could not store the reply (conversation %s)", turn.conversation_id)
+            else:
+                if not closed:
+                    logger.warning(
+                        "turn %s of conversation %s was closed by another worker first; its reply is not stored",
+                        turn.turn_id,
+                        turn.conversation_id,
+                    )
+            timing.mark("history_saved_reply")
+        except Exception:
+            logger.exception("turn %s of conversation %s failed", turn.turn_id, turn.conversation_id)
+            turn.outcome = FAILED
+            put(TTSResponse(content=self.apology, turn_id=turn.turn_id))
         finally:
+            turn.queue.put_nowait(None)
+            turn.finished.set()
+            if self._active.get(turn.conversation_id) is turn:
+                del self._active[turn.conversation_id]
             timing.mark("end")
             logger.info(
                 "turn %s conversation=%s turn=%s stages=%s",
-                outcome,
-                event.conversation_key,
-                turn_id,
+                turn.outcome,
+                turn.conversation_id,
+                turn.turn_id,
                 timing.stages,
             )
-        yield EndResponse(turn_id=turn_id)
+
+    async def _answer(
+        self, turn: _Turn, began: _Started, event: MessageEvent
+    ) -> tuple[list[ModelMessage], RunUsage | None]:
+        """Stream the agent's reply into the turn's queue; returns the messages that close the turn."""
+        put = turn.queue.put_nowait
+        turn_id = turn.turn_id
+        produced: list[str] = []
+        calls: dict[str, ToolCallPart] = {}
+        finished_calls: list[tuple[ToolCallPart, ToolReturnPart]] = []
+
+        def closing(text: str, status: str) -> list[ModelMessage]:
+            # Only tool calls that returned are kept: the history never holds a call without its result.
+            messages: list[ModelMessage] = []
+            if finished_calls:
+                messages.append(
+                    ModelResponse(parts=[call for call, _ in finished_calls], metadata=turn_meta(turn_id, "tool"))
+                )
+                messages.append(
+                    ModelRequest(parts=[ret for _, ret in finished_calls], metadata=turn_meta(turn_id, "tool"))
+                )
+            parts = [TextPart(text)] if text else []
+            messages.append(ModelResponse(parts=parts, metadata=turn_meta(turn_id, "assistant", status)))
+            return messages
+
+        if turn.stopping:  # The caller left (or a newer turn came) before the model was asked.
+            turn.outcome = INTERRUPTED
+            return closing("", INTERRUPTED), None
+        conversation = Conversation(
+            messages=llm_messages(began.messages[:-1], self.interrupted_mark),
+            usage=began.usage,
+            conversation_id=turn.conversation_id,
+        )
+        turn.cancellable = True
+        try:
+            async for out in self._reply(conversation, event, turn, calls, finished_calls):
+                if isinstance(out, TTSResponse):
+                    produced.append(out.content)
+                    put(out)
+                elif isinstance(out, DataResponse):
+                    put(out)
+                else:
+                    messages, usage = out
+                    turn.cancellable = False
+                    return messages, usage
+            raise RuntimeError("the agent run ended without a result")
+        except asyncio.CancelledError:
+            turn.cancellable = False
+            # What is still queued never reached the caller: drop it and keep what was sent.
+            while not turn.queue.empty():
+                turn.queue.get_nowait()
+            turn.outcome = INTERRUPTED
+            return closing("".join(turn.sent), INTERRUPTED), None
+        except Exception as exc:
+            turn.cancellable = False
+            logger.error(
+                "LLM failed in conversation %s turn %s: %s: %s",
+                turn.conversation_id,
+                turn_id,
+                type(exc).__name__,
+                exc,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            apology = (" " if produced else "") + self.apology
+            put(TTSResponse(content=apology, turn_id=turn_id))
+            turn.outcome = FAILED
+            return closing("".join(produced) + apology, FAILED), None
 
     async def _reply(
-        self, conversation: Conversation, event: MessageEvent, timing: TurnTiming
-    ) -> AsyncIterator[OutboundEvent | str]:
-        """Stream the agent's reply; yields the outcome as a plain string last."""
-        turn_id = event.turn_id
-        spoken: list[str] = []
+        self,
+        conversation: Conversation,
+        event: MessageEvent,
+        turn: _Turn,
+        calls: dict[str, ToolCallPart],
+        finished_calls: list[tuple[ToolCallPart, ToolReturnPart]],
+    ) -> AsyncIterator[TTSResponse | DataResponse | tuple[list[ModelMessage], RunUsage]]:
+        """The agent's reply as events; the messages that close the turn and the new usage come last."""
+        turn_id = turn.turn_id
+        timing = turn.timing
         cleaner = VoiceTextCleaner()
+        spoke = False
         spoke_since_request = False
-        finished = False
         deps = CallContext(
-            conversation_id=event.conversation_key,
+            conversation_id=turn.conversation_id,
             turn_id=turn_id,
             session_id=event.session_id,
             from_phone_number=event.from_phone_number,
             to_phone_number=event.to_phone_number,
             metadata=event.all_metadata,
         )
-        try:
-            async with self.agent.run_stream_events(
-                conversation=conversation,
-                deps=deps,
-                model=self.model,
-                model_settings=self.model_settings,
-                timeout=self.llm_timeout,
-            ) as events:
-                timing.mark("llm_request")
-                async for agent_event in events:
-                    text = ""
-                    if isinstance(agent_event, PartDeltaEvent):
-                        if isinstance(agent_event.delta, TextPartDelta):
-                            text = cleaner.feed(agent_event.delta.content_delta)
-                    elif isinstance(agent_event, PartStartEvent):
-                        if isinstance(agent_event.part, TextPart):
-                            timing.mark("llm_first_token")
-                            text = cleaner.feed(agent_event.part.content)
-                    elif isinstance(agent_event, PartEndEvent):
-                        if isinstance(agent_event.part, TextPart):
-                            text = cleaner.flush()
-                    elif isinstance(agent_event, FunctionToolCallEvent):
+        async with self.agent.run_stream_events(
+            conversation=conversation,
+            deps=deps,
+            model=self.model,
+            model_settings=self.model_settings,
+            timeout=self.llm_timeout,
+        ) as events:
+            timing.mark("llm_request")
+            async for agent_event in events:
+                text = ""
+                if isinstance(agent_event, PartDeltaEvent):
+                    if isinstance(agent_event.delta, TextPartDelta):
+                        text = cleaner.feed(agent_event.delta.content_delta)
+                elif isinstance(agent_event, PartStartEvent):
+                    if isinstance(agent_event.part, TextPart):
+                        timing.mark("llm_first_token")
+                        text = cleaner.feed(agent_event.part.content)
+                elif isinstance(agent_event, PartEndEvent):
+                    if isinstance(agent_event.part, TextPart):
                         text = cleaner.flush()
-                        if text:
-                            spoken.append(text)
-                            yield TTSResponse(content=text, turn_id=turn_id)
-                        if not spoke_since_request and self.tool_filler:
-                            spoken.append(self.tool_filler + " ")
-                            yield TTSResponse(content=self.tool_filler, turn_id=turn_id)
-                        yield DataResponse(
-                            content={"tool": agent_event.part.tool_name, "status": "running"}, turn_id=turn_id
-                        )
-                        spoke_since_request = False
-                        continue
-                    elif isinstance(agent_event, FunctionToolResultEvent):
-                        yield DataResponse(
-                            content={"tool": agent_event.part.tool_name, "status": "done"}, turn_id=turn_id
-                        )
-                        continue
-                    elif isinstance(agent_event, AgentRunResultEvent):
-                        result = agent_event.result
-                        text = cleaner.flush()
-                        if text:
-                            spoken.append(text)
-                            yield TTSResponse(content=text, turn_id=turn_id)
-                        timing.mark("llm_done")
-                        finished = True
-                        await self._save_result(conversation, result.conversation, result.new_messages(), turn_id)
-                        timing.mark("history_saved_reply")
-                        yield "completed"
-                        return
-                    if text:
-                        if not spoken:
-                            timing.mark("first_tts")
-                        spoken.append(text)
-                        spoke_since_request = True
+                elif isinstance(agent_event, FunctionToolCallEvent):
+                    if text := cleaner.flush():
                         yield TTSResponse(content=text, turn_id=turn_id)
-        except (asyncio.CancelledError, GeneratorExit):
-            if not finished:
-                self._save_in_background(conversation.conversation_id, "".join(spoken), turn_id, "interrupted")
-            raise
-        except Exception as exc:
-            logger.error(
-                "LLM failed in conversation %s turn %s: %s: %s",
-                conversation.conversation_id,
-                turn_id,
-                type(exc).__name__,
-                exc,
-                exc_info=logger.isEnabledFor(logging.DEBUG),
-            )
-            apology = (" " if spoken else "") + self.apology
-            spoken.append(apology)
-            yield TTSResponse(content=apology, turn_id=turn_id)
+                    if not spoke_since_request and self.tool_filler:
+                        yield TTSResponse(content=f"{self.tool_filler} ", turn_id=turn_id)
+                    calls[agent_event.tool_call_id] = agent_event.part
+                    yield DataResponse(
+                        content={"tool": agent_event.part.tool_name, "status": "running"}, turn_id=turn_id
+                    )
+                    spoke_since_request = False
+                    continue
+                elif isinstance(agent_event, FunctionToolResultEvent):
+                    if (call := calls.pop(agent_event.tool_call_id, None)) is not None:
+                        finished_calls.append((call, agent_event.part))
+                    yield DataResponse(content={"tool": agent_event.part.tool_name, "status": "done"}, turn_id=turn_id)
+                    continue
+                elif isinstance(agent_event, AgentRunResultEvent):
+                    if text := cleaner.flush():
+                        yield TTSResponse(content=text, turn_id=turn_id)
+                    timing.mark("llm_done")
+                    result = agent_event.result
+                    yield self._result_messages(result.new_messages(), turn_id), result.conversation.usage
+                    return
+                if text:
+                    if not spoke:
+                        timing.mark("first_tts")
+                        spoke = True
+                    spoke_since_request = True
+                    yield TTSResponse(content=text, turn_id=turn_id)
+
+    @staticmethod
+    def _result_messages(messages: list[ModelMessage], turn_id: str) -> list[ModelMessage]:
+        """The run's messages marked as this turn's: tool traffic, then the reply."""
+        marked: list[ModelMessage] = []
+        last = len(messages) - 1
+        for index, message in enumerate(messages):
+            role = "assistant" if index == last and isinstance(message, ModelResponse) else "tool"
+            status = COMPLETED if role == "assistant" else None
+            marked.append(replace(message, metadata={**(message.metadata or {}), **turn_meta(turn_id, role, status)}))
+        return marked
+
+    # ------------------------------------------------------------------ beginning and closing turns
+
+    async def _begin(
+        self,
+        turn: _Turn,
+        delivery: str | None,
+        new_messages: list[ModelMessage],
+        interruption: InterruptionContext | None,
+    ) -> _Started | _Duplicate:
+        """Add a turn's first messages to the log, after closing whatever turn is still open there."""
+        conversation_id = turn.conversation_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handover_timeout
+        asked: str | None = None
+        take_over: str | None = None
+        await self._heartbeat()
+        async with self._lock(conversation_id):
+            while True:
+                local = self._active.get(conversation_id)
+                if local is not None and local is not turn:
+                    if local.turn_id == turn.turn_id:
+                        return _Duplicate()
+                    local.stop()  # Latest turn wins.
+                    try:
+                        await asyncio.wait_for(local.finished.wait(), max(deadline - loop.time(), 0.1))
+                    except TimeoutError:
+                        logger.warning("turn %s did not close in time; taking it over", local.turn_id)
+                        take_over = local.turn_id
+                        del self._active[conversation_id]
+                    continue
+
+                def decide(
+                    messages: list[ModelMessage], record: ConversationRecord | None, take_over: str | None = take_over
+                ) -> Change[_Started | _Duplicate | _Busy]:
+                    return self._decide_begin(
+                        messages, record, turn.turn_id, delivery, new_messages, interruption, take_over
+                    )
+
+                began = await self.history.change(conversation_id, decide)
+                if isinstance(began, _Started):
+                    if _is_placeholder(new_messages):
+                        self._active[conversation_id] = turn
+                        self._watch()
+                    return began
+                if isinstance(began, _Duplicate):
+                    return began
+                # Another worker's turn is still open: ask it to stop, and take it over if its worker is gone.
+                if began.owner == self.owner:
+                    take_over = began.turn_id  # Ours, but no task of ours runs it: a close that failed.
+                    continue
+                if began.turn_id is not None and asked != began.turn_id:
+                    await self.store.set_marker(conversation_id, "cancel", began.turn_id, ttl=CANCEL_TTL)
+                    asked = began.turn_id
+                if loop.time() >= deadline or not await self._alive(began.owner):
+                    take_over = began.turn_id
+                    continue
+                await asyncio.sleep(self.poll_interval)
+
+    def _decide_begin(
+        self,
+        messages: list[ModelMessage],
+        record: ConversationRecord | None,
+        turn_id: str,
+        delivery: str | None,
+        new_messages: list[ModelMessage],
+        interruption: InterruptionContext | None,
+        take_over: str | None,
+    ) -> Change[_Started | _Duplicate | _Busy]:
+        if has_turn(messages, turn_id, delivery):
+            return Change(_Duplicate())
+        keep = len(messages)
+        replaced: list[ModelMessage] = []
+        heard = interruption.text_heard if interruption and interruption.previous_turn_interrupted else None
+        open_reply = pending_reply(messages)
+        if open_reply is not None:
+            if open_reply.turn_id != take_over:
+                return Change(_Busy(open_reply.turn_id, open_reply.owner))
+            # Its worker is gone: close it with what the caller heard, if Layercode said.
+            told = interruption is not None and interruption.assistant_turn_id in {None, open_reply.turn_id}
+            text = heard if told and heard else ""
+            meta = turn_meta(open_reply.turn_id, "assistant", LOST)
+            if told and heard is not None:
+                meta["text_heard"] = heard
+            keep = open_reply.index
+            replaced = [
+                ModelResponse(parts=[TextPart(text)] if text else [], metadata=meta),
+                *messages[open_reply.index + 1 :],
+            ]
+        elif interruption is not None and interruption.previous_turn_interrupted:
+            reply = last_reply(messages)
+            if reply is not None and interruption.assistant_turn_id in {None, reply.turn_id}:
+                keep = reply.index
+                replaced = [_as_heard(messages[reply.index], heard)]
+        added = [*replaced, *new_messages]
+        usage = record.usage if record is not None else RunUsage()
+        return Change(_Started([*messages[:keep], *added], usage), keep=keep, add=added)
+
+    async def _close(self, turn: _Turn, closing: list[ModelMessage], usage: RunUsage | None) -> bool:
+        """Replace the turn's placeholder with `closing`; False if another worker closed it first."""
+
+        def decide(messages: list[ModelMessage], record: ConversationRecord | None) -> Change[bool]:
+            reply = find_reply(messages, turn.turn_id)
+            if reply is None or reply.status != PENDING or reply.owner != self.owner:
+                return Change(False)
+            return Change(True, keep=reply.index, add=[*closing, *messages[reply.index + 1 :]], usage=usage)
+
+        return await self.history.change(turn.conversation_id, decide)
+
+    async def _stored_reply(self, conversation_id: str, turn_id: str) -> str:
+        """The reply stored for a turn, once it is no longer streaming (a repeated delivery waits for it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.llm_timeout + self.handover_timeout
+        while True:
+            local = self._active.get(conversation_id)
+            if local is not None and local.turn_id == turn_id:
+                await local.finished.wait()
+            reply = find_reply(await self.history.messages(conversation_id), turn_id)
+            if reply is None:
+                return ""
+            if reply.status != PENDING or loop.time() >= deadline:
+                return reply.text
+            await asyncio.sleep(self.poll_interval)
+
+    # ------------------------------------------------------------------ workers sharing a store
+
+    async def _heartbeat(self) -> None:
+        """Tell other workers this one is alive, at most once per `HEARTBEAT_EVERY`."""
+        if not self.store.shared:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._heartbeat_at < HEARTBEAT_EVERY:
+            return
+        self._heartbeat_at = now
+        await self.store.set_marker("", f"worker:{self.owner}", "alive", ttl=HEARTBEAT_TTL)
+
+    async def _alive(self, owner: str | None) -> bool:
+        if owner is None or not self.store.shared:
+            return False
+        (beat,) = await self.store.get_markers([("", f"worker:{owner}")])
+        return beat is not None
+
+    def _watch(self) -> None:
+        """Poll for requests to cancel this worker's turns while it has any (shared stores only)."""
+        if self.store.shared and (self._watcher is None or self._watcher.done()):
+            self._watcher = self._spawn(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while self._active:
             try:
-                await self._append(conversation.conversation_id, [_assistant("".join(spoken), turn_id, "failed")])
-            except StoreError:
-                logger.exception("could not store the apology (conversation %s)", conversation.conversation_id)
-            yield "failed"
+                await self._heartbeat()
+                keys = [(conversation_id, "cancel") for conversation_id in self._active]
+                for (conversation_id, _), wanted in zip(keys, await self.store.get_markers(keys), strict=True):
+                    turn = self._active.get(conversation_id)
+                    if wanted is not None and turn is not None and turn.turn_id == wanted:
+                        logger.info("turn %s superseded by a newer turn on another worker", wanted)
+                        turn.stop()
+            except StoreError as exc:
+                logger.warning("could not check for cancelled turns: %s", exc)
+            await asyncio.sleep(self.poll_interval)
+
+    def _lock(self, conversation_id: str) -> _ConversationLock:
+        return _ConversationLock(self._locks, conversation_id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------------ session events
 
     async def stream_session_start(self, event: SessionStartEvent) -> AsyncIterator[OutboundEvent]:
-        """Speak the welcome message (if any) and end the turn; the greeting joins the history."""
+        """Speak the welcome message (if any) and end the turn; the greeting joins the history once."""
+        turn_id = event.turn_id or f"welcome-{event.session_id or event.conversation_key}"
         if self.welcome_message:
-            yield TTSResponse(content=self.welcome_message, turn_id=event.turn_id)
+            welcome = ModelResponse(
+                parts=[TextPart(self.welcome_message)],
+                metadata=turn_meta(turn_id, "assistant", COMPLETED, kind="welcome"),
+            )
+            turn = _Turn(event.conversation_key, turn_id)
             try:
-                await self._append(
-                    event.conversation_key, [_assistant(self.welcome_message, event.turn_id, "completed")]
-                )
+                await self._begin(turn, None, [welcome], None)
             except StoreError:
                 logger.exception("could not store the welcome (conversation %s)", event.conversation_key)
+            yield TTSResponse(content=self.welcome_message, turn_id=event.turn_id)
         yield EndResponse(turn_id=event.turn_id)
 
-    async def handle_data(self, event: DataEvent) -> DataResponse:
-        """Answer client data with the data hook's result."""
-        content = await self.data_handler(event)
-        return DataResponse(content=content, turn_id=event.turn_id)
+    async def handle_data(self, event: DataEvent, *, delivery: str | None = None) -> DataResponse:
+        """Answer client data with the data hook's result; a repeated delivery gets the first answer."""
+        if delivery is None:
+            return DataResponse(content=await self.data_handler(event), turn_id=event.turn_id)
+        key = (event.conversation_key, f"data:{delivery}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.llm_timeout
+        while (held := await self.store.set_marker(*key, "", ttl=DELIVERY_TTL, only_if_absent=True)) is not None:
+            if held:
+                return DataResponse(content=json.loads(held), turn_id=event.turn_id)
+            if loop.time() >= deadline:
+                raise StoreError(f"the first delivery of this data event (conversation {key[0]}) never finished")
+            await asyncio.sleep(self.poll_interval)  # The first delivery is still being handled.
+        try:
+            content = await self.data_handler(event)
+        except BaseException:
+            await self.store.delete_marker(*key)
+            raise
+        reply = DataResponse(content=content, turn_id=event.turn_id)
+        await self.store.set_marker(*key, json.dumps(reply.model_dump(mode="json")["content"]), ttl=DELIVERY_TTL)
+        return reply
 
-    async def record_session_event(self, event: SessionEndEvent | SessionUpdateEvent) -> None:
-        """Keep Layercode's transcript, metrics and recording details with the conversation."""
+    async def record_session_event(
+        self, event: SessionEndEvent | SessionUpdateEvent, *, delivery: str | None = None
+    ) -> bool:
+        """Keep Layercode's transcript, metrics and recording details with the conversation, once.
+
+        Returns:
+            False if this exact delivery was already recorded.
+        """
+        key = (event.conversation_key, f"event:{delivery}")
+        if delivery is not None and await self.store.set_marker(*key, "1", ttl=DELIVERY_TTL, only_if_absent=True):
+            return False
         payload = event.model_dump(mode="json", exclude_none=True)
-        await self.store.add_session_event(event.conversation_key, event.type, payload, session_id=event.session_id)
+        try:
+            await self.store.add_session_event(event.conversation_key, event.type, payload, session_id=event.session_id)
+        except BaseException:
+            if delivery is not None:
+                await self.store.delete_marker(*key)
+            raise
+        return True
 
     async def aclose(self) -> None:
-        """Wait for saves still running in the background (at shutdown)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    # ------------------------------------------------------------------ history
-
-    async def _append(self, conversation_id: str, messages: Sequence[ModelMessage]) -> Conversation:
-        """Append messages to the stored conversation, retrying when another writer saved in between."""
-        for _ in range(_SAVE_ATTEMPTS):
-            conversation = await self.store.load(conversation_id) or Conversation(conversation_id=conversation_id)
-            conversation.messages.extend(messages)
-            try:
-                await self.store.save(conversation)
-            except ConversationConflict:
-                continue
-            return conversation
-        raise StoreError(f"conversation {conversation_id!r} kept changing while saving; gave up after retries")
-
-    async def _save_result(
-        self, before: Conversation, after: Conversation, new_messages: list[ModelMessage], turn_id: str | None
-    ) -> None:
-        """Save a finished run; mark its final response with the turn it answers."""
-        for message in reversed(new_messages):
-            if isinstance(message, ModelResponse):
-                message.metadata = {**(message.metadata or {}), **_turn_meta(turn_id, "assistant", "completed")}
-                break
-        try:
-            try:
-                await self.store.save(after)
-            except ConversationConflict:
-                await self._append(before.conversation_id, new_messages)
-        except StoreError:
-            logger.exception("could not store the reply (conversation %s)", before.conversation_id)
-
-    def _save_in_background(self, conversation_id: str, text: str, turn_id: str | None, status: str) -> None:
-        """Save what was spoken of a turn the caller cut off; survives the request's cancellation."""
-        if not text:
-            return
-
-        async def save() -> None:
-            try:
-                await self._append(conversation_id, [_assistant(text, turn_id, status)])
-            except Exception:
-                logger.exception("could not store the interrupted reply (conversation %s)", conversation_id)
-
-        task = asyncio.get_running_loop().create_task(save())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """Stop the turns still running (closing them with what was sent) and wait for them (at shutdown)."""
+        for turn in list(self._active.values()):
+            turn.stop()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _turn_meta(turn_id: str | None, role: str, status: str | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"turn_id": turn_id, "role": role}
-    if status is not None:
-        meta["status"] = status
-    return meta
+class _ConversationLock:
+    """A per-conversation lock, dropped from the table when nobody holds or waits for it."""
+
+    def __init__(self, table: dict[str, tuple[asyncio.Lock, int]], key: str) -> None:
+        self._table = table
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._table.get(self._key, (asyncio.Lock(), 0))
+        self._table[self._key] = (lock, users + 1)
+        await lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock, users = self._table[self._key]
+        lock.release()
+        if users == 1:
+            del self._table[self._key]
+        else:
+            self._table[self._key] = (lock, users - 1)
 
 
-def _assistant(text: str, turn_id: str | None, status: str) -> ModelResponse:
-    return ModelResponse(parts=[TextPart(text)], metadata=_turn_meta(turn_id, "assistant", status))
+def _is_placeholder(messages: list[ModelMessage]) -> bool:
+    return bool(messages) and (messages[-1].metadata or {}).get("status") == PENDING
+
+
+def _as_heard(message: ModelMessage, heard: str | None) -> ModelMessage:
+    """An interrupted reply rewritten to what the caller heard (when Layercode said), marked interrupted."""
+    meta = dict(message.metadata or {})
+    meta["status"] = INTERRUPTED
+    if heard is None or not isinstance(message, ModelResponse):
+        return replace(message, metadata=meta)
+    meta.setdefault("text_sent", reply_text(message))
+    meta["text_heard"] = heard
+    return replace(message, parts=[TextPart(heard)] if heard else [], metadata=meta)

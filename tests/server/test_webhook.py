@@ -91,7 +91,9 @@ async def test_user_message_is_stored_before_the_reply_streams(make_app: AppFact
     assert stored is not None
     first = stored.messages[0]
     assert isinstance(first, ModelRequest)
-    assert first.metadata == {"turn_id": "t1", "role": "user"}
+    assert first.metadata is not None
+    assert {key: first.metadata[key] for key in ("turn_id", "role")} == {"turn_id": "t1", "role": "user"}
+    assert len(first.metadata["delivery"]) == 64  # sha256 of the signed body, to recognise a repeat
 
 
 async def test_session_start_speaks_the_welcome(make_app: AppFactory) -> None:
@@ -263,7 +265,7 @@ async def test_tool_call_speaks_a_filler_and_reports_status(make_app: AppFactory
         "response.tts",
         "response.end",
     ]
-    assert result.events[0]["content"] == "One moment while I check that."
+    assert result.events[0]["content"].strip() == "One moment while I check that."
     assert result.events[1]["content"] == {"tool": "current_time", "status": "running"}
     assert result.events[2]["content"] == {"tool": "current_time", "status": "done"}
     assert result.events[3]["content"] == "It is late in Paris."

@@ -12,13 +12,14 @@ from ..utils import import_string
 from .cleaning import VoiceTextCleaner, clean_text
 from .deps import CallContext
 from .models import ModelChoice, ModelKeys, resolve_model
-from .prompts import APOLOGY, DEFAULT_SYSTEM_PROMPT, DEFAULT_WELCOME_MESSAGE, TOOL_FILLER
+from .prompts import APOLOGY, DEFAULT_SYSTEM_PROMPT, DEFAULT_WELCOME_MESSAGE, INTERRUPTED_MARK, TOOL_FILLER
 from .tools import current_time
 
 __all__ = [
     "APOLOGY",
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_WELCOME_MESSAGE",
+    "INTERRUPTED_MARK",
     "TOOL_FILLER",
     "AgentLoadError",
     "CallContext",

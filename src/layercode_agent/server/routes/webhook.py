@@ -8,6 +8,7 @@ a 200 after storing them, and unknown types a 200 and a log line.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -56,17 +57,20 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     body = await request.body()
     verify(body, request.headers.get(SIGNATURE_HEADER), runtime.secrets)
     event = parse_event(body)
+    # The same body delivered twice (a retry, or a replay within the signature's tolerance) has the
+    # same digest: the runner answers it from the first delivery instead of acting again.
+    delivery = hashlib.sha256(body).hexdigest()
     runner = runtime.runner
     if isinstance(event, MessageEvent):
-        return _stream(runner.stream_message(event))
+        return _stream(runner.stream_message(event, delivery=delivery))
     if isinstance(event, SessionStartEvent):
         return _stream(runner.stream_session_start(event))
     if isinstance(event, DataEvent):
-        reply = await runner.handle_data(event)
+        reply = await runner.handle_data(event, delivery=delivery)
         return Response(encode_json(reply), media_type=_JSON)
     if isinstance(event, SessionEndEvent | SessionUpdateEvent):
-        await runner.record_session_event(event)
-        return Response(b'{"status":"ok"}', media_type=_JSON)
+        recorded = await runner.record_session_event(event, delivery=delivery)
+        return Response(b'{"status":"ok"}' if recorded else b'{"status":"duplicate"}', media_type=_JSON)
     assert isinstance(event, UnknownEvent)
     logger.info("acknowledged unknown webhook type %r (conversation %s)", event.type, event.conversation_key)
     return Response(b'{"status":"ignored"}', media_type=_JSON)

@@ -1,0 +1,533 @@
+"""The turn record, run through `TurnRunner` itself against real stores (memory and SQLite).
+
+A closed response generator is exactly what the server sees when Layercode aborts a request, so
+barge-ins are simulated by closing the stream; two runners on one SQLite file are two workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic_ai.conversation import Conversation
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+
+from layercode_agent.agent import build_agent
+from layercode_agent.history import turn_meta
+from layercode_agent.protocol import DataEvent, MessageEvent, OutboundEvent, SessionEndEvent, SessionStartEvent
+from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore
+from layercode_agent.turns import TurnRunner
+
+pytestmark = pytest.mark.anyio
+
+Stream = Callable[[list[ModelMessage], AgentInfo], AsyncIterator[str | DeltaToolCalls]]
+
+
+def seen(messages: list[ModelMessage]) -> list[tuple[str, str]]:
+    """(role, text) of every prompt and reply the model was sent or that a history holds."""
+    out: list[tuple[str, str]] = []
+    for message in messages:
+        for part in message.parts:
+            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                out.append(("user", part.content))
+            elif isinstance(part, TextPart):
+                out.append(("assistant", part.content))
+    return out
+
+
+def statuses(messages: list[ModelMessage]) -> list[tuple[str | None, str | None, str | None]]:
+    return [
+        ((m.metadata or {}).get("turn_id"), (m.metadata or {}).get("role"), (m.metadata or {}).get("status"))
+        for m in messages
+    ]
+
+
+class Model:
+    """A scripted streaming model that records what it was sent."""
+
+    def __init__(self, *replies: list[str], delay: float = 0.0) -> None:
+        self.replies = list(replies)
+        self.delay = delay
+        self.calls: list[list[tuple[str, str]]] = []
+        self.tokens_sent = 0
+
+    async def stream(self, messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        self.calls.append(seen(messages))
+        tokens = self.replies.pop(0) if self.replies else ["Okay."]
+        for token in tokens:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            self.tokens_sent += 1
+            yield token
+
+
+def make_runner(store: AgentStore, stream: Stream, **kwargs: Any) -> TurnRunner:
+    kwargs.setdefault("poll_interval", 0.02)
+    return TurnRunner(agent=build_agent(model=FunctionModel(stream_function=stream)), store=store, **kwargs)
+
+
+def message(text: str, turn_id: str, conversation_id: str = "conv", **fields: Any) -> MessageEvent:
+    return MessageEvent(conversation_id=conversation_id, session_id="sess", turn_id=turn_id, text=text, **fields)
+
+
+async def collect(events: AsyncIterator[OutboundEvent]) -> list[OutboundEvent]:
+    return [event async for event in events]
+
+
+def spoken(events: list[OutboundEvent]) -> str:
+    return "".join(getattr(event, "content", "") for event in events if event.type == "response.tts")
+
+
+async def read_then_hang_up(events: AsyncGenerator[OutboundEvent], count: int) -> str:
+    """Read `count` tts events, then close the stream the way an aborted request does."""
+    text = ""
+    got = 0
+    async for event in events:
+        if event.type == "response.tts":
+            text += getattr(event, "content", "")
+            got += 1
+            if got == count:
+                break
+    await events.aclose()
+    return text
+
+
+class Listener:
+    """Reads a stream in the background, as a connected caller; `spoke` is set after `after` tts events."""
+
+    def __init__(self, events: AsyncIterator[OutboundEvent], *, after: int) -> None:
+        self.spoke = asyncio.Event()
+        self.task = asyncio.create_task(self._read(events, after))
+
+    async def _read(self, events: AsyncIterator[OutboundEvent], after: int) -> list[OutboundEvent]:
+        received: list[OutboundEvent] = []
+        async for event in events:
+            received.append(event)
+            if sum(item.type == "response.tts" for item in received) >= after:
+                self.spoke.set()
+        return received
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AgentStore]:
+    backend: AgentStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "c.db")
+    async with backend:
+        yield backend
+
+
+async def history(store: AgentStore, conversation_id: str = "conv") -> list[ModelMessage]:
+    conversation = await store.load(conversation_id)
+    return conversation.messages if conversation else []
+
+
+async def settled(runner: TurnRunner) -> None:
+    """Wait until every turn task of the runner has finished (its close is written)."""
+    for _ in range(500):
+        if not runner._tasks:  # pyright: ignore[reportPrivateUsage]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("turns did not finish")
+
+
+# --- Turn record ------------------------------------------------------------------------------------
+
+
+async def test_a_placeholder_is_stored_before_the_model_is_asked(store: AgentStore) -> None:
+    during: list[list[tuple[str | None, str | None, str | None]]] = []
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        during.append(statuses(await history(store)))
+        assert seen(messages) == [("user", "hi")]  # The placeholder never reaches the model.
+        yield "Hello."
+
+    runner = make_runner(store, stream)
+    events = await collect(runner.stream_message(message("hi", "t1"), delivery="d1"))
+
+    assert spoken(events) == "Hello."
+    assert [event.type for event in events][-1] == "response.end"
+    assert during == [[("t1", "user", None), ("t1", "assistant", "pending")]]
+    stored = await history(store)
+    assert statuses(stored) == [("t1", "user", None), ("t1", "assistant", "completed")]
+    assert seen(stored) == [("user", "hi"), ("assistant", "Hello.")]
+
+
+async def test_a_barge_in_keeps_what_was_sent_and_the_next_turn_hears_what_the_caller_heard(
+    store: AgentStore,
+) -> None:
+    model = Model([f" w{index}" for index in range(100)], ["Sure."], delay=0.01)
+    runner = make_runner(store, model.stream)
+
+    sent = await read_then_hang_up(runner.stream_message(message("tell me a story", "t1")), 5)
+    await settled(runner)
+
+    assert sent == "w0 w1 w2 w3 w4"
+    assert model.tokens_sent < 30, "the model stream must be cancelled when the caller hangs up"
+    stored = await history(store)
+    assert statuses(stored)[-1] == ("t1", "assistant", "interrupted")
+    assert seen(stored)[-1][1].startswith(sent)  # What was sent, perhaps a token more in flight.
+
+    heard = {"previous_turn_interrupted": True, "words_heard": 2, "text_heard": "w0 w1", "assistant_turn_id": "t1"}
+    events = await collect(runner.stream_message(message("wait, stop", "t2", interruption_context=heard)))
+
+    assert spoken(events) == "Sure."
+    assert model.calls[-1] == [
+        ("user", "tell me a story"),
+        ("assistant", "w0 w1 [interrupted]"),
+        ("user", "wait, stop"),
+    ]
+    stored = await history(store)
+    assert seen(stored) == [
+        ("user", "tell me a story"),
+        ("assistant", "w0 w1"),
+        ("user", "wait, stop"),
+        ("assistant", "Sure."),
+    ]
+    reply = stored[1].metadata or {}
+    assert reply["status"] == "interrupted"
+    assert reply["text_heard"] == "w0 w1"
+    assert str(reply["text_sent"]).startswith(sent)
+
+
+async def test_interruption_context_rewrites_a_reply_that_had_completed(store: AgentStore) -> None:
+    # The whole reply was sent, but the caller talked over its playback.
+    model = Model(["One, two, three, four."], ["Okay."])
+    runner = make_runner(store, model.stream)
+    await collect(runner.stream_message(message("count", "t1")))
+
+    heard = {"previous_turn_interrupted": True, "text_heard": "One, two,", "assistant_turn_id": "t1"}
+    await collect(runner.stream_message(message("enough", "t2", interruption_context=heard)))
+
+    assert model.calls[-1][1] == ("assistant", "One, two, [interrupted]")
+    stored = await history(store)
+    assert (stored[1].metadata or {})["text_sent"] == "One, two, three, four."
+    assert statuses(stored)[1] == ("t1", "assistant", "interrupted")
+
+
+async def test_interruption_context_for_another_turn_changes_nothing(store: AgentStore) -> None:
+    model = Model(["All of it."], ["Okay."])
+    runner = make_runner(store, model.stream)
+    await collect(runner.stream_message(message("say it", "t1")))
+
+    heard = {"previous_turn_interrupted": True, "text_heard": "All", "assistant_turn_id": "some-other-turn"}
+    await collect(runner.stream_message(message("next", "t2", interruption_context=heard)))
+
+    assert model.calls[-1][1] == ("assistant", "All of it.")
+
+
+async def test_an_aborted_tool_never_finishes_and_leaves_no_dangling_call(store: AgentStore) -> None:
+    finished: list[str] = []
+    started = asyncio.Event()
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        if not any(isinstance(part, ToolReturnPart) for m in messages for part in m.parts):
+            yield {0: DeltaToolCall(name="slow_lookup", json_args='{"city": "Paris"}', tool_call_id="call-1")}
+            return
+        yield "It is sunny."
+
+    agent = build_agent(model=FunctionModel(stream_function=stream))
+
+    @agent.tool_plain
+    async def slow_lookup(city: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        started.set()
+        await asyncio.sleep(1.0)
+        finished.append(city)
+        return "sunny"
+
+    runner = TurnRunner(agent=agent, store=store, poll_interval=0.02)
+    events = runner.stream_message(message("weather?", "t1"))
+    types: list[str] = []
+    async for event in events:
+        types.append(event.type)
+        if event.type == "response.data":
+            break  # The tool is running: hang up.
+    await started.wait()
+    await events.aclose()
+    await settled(runner)
+    await asyncio.sleep(1.2)
+
+    assert finished == [], "a tool of an aborted turn must not run on"
+    stored = await history(store)
+    assert not any(isinstance(part, ToolCallPart | ToolReturnPart) for m in stored for part in m.parts)
+    assert statuses(stored)[-1] == ("t1", "assistant", "interrupted")
+
+
+async def test_an_interrupted_turn_keeps_the_tool_calls_that_finished(store: AgentStore) -> None:
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        if not any(isinstance(part, ToolReturnPart) for m in messages for part in m.parts):
+            yield {0: DeltaToolCall(name="lookup", json_args='{"city": "Paris"}', tool_call_id="call-1")}
+            return
+        for index in range(200):
+            await asyncio.sleep(0.01)
+            yield f" w{index}"
+
+    agent = build_agent(model=FunctionModel(stream_function=stream))
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return f"sunny in {city}"
+
+    runner = TurnRunner(agent=agent, store=store, poll_interval=0.02)
+    await read_then_hang_up(runner.stream_message(message("weather?", "t1")), 3)
+    await settled(runner)
+
+    stored = await history(store)
+    kinds = [type(part).__name__ for m in stored for part in m.parts]
+    assert kinds == ["UserPromptPart", "ToolCallPart", "ToolReturnPart", "TextPart"]
+    assert statuses(stored) == [
+        ("t1", "user", None),
+        ("t1", "tool", None),
+        ("t1", "tool", None),
+        ("t1", "assistant", "interrupted"),
+    ]
+
+
+async def test_a_failing_model_gets_an_apology_stored_as_failed(store: AgentStore) -> None:
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "Let me"
+        raise RuntimeError("boom")
+
+    runner = make_runner(store, stream)
+    events = await collect(runner.stream_message(message("hi", "t1")))
+
+    assert spoken(events).startswith("Let me Sorry")
+    assert [event.type for event in events].count("response.end") == 1
+    assert statuses(await history(store))[-1] == ("t1", "assistant", "failed")
+
+
+# --- Duplicates -------------------------------------------------------------------------------------
+
+
+async def test_a_repeated_delivery_gets_the_stored_reply_without_a_second_llm_call(store: AgentStore) -> None:
+    model = Model(["The answer."], ["Should never be said."])
+    runner = make_runner(store, model.stream)
+
+    first = await collect(runner.stream_message(message("question", "t1"), delivery="d1"))
+    second = await collect(runner.stream_message(message("question", "t1"), delivery="d1"))
+
+    assert len(model.calls) == 1
+    assert spoken(first) == spoken(second) == "The answer."
+    assert second[-1].type == "response.end"
+    assert seen(await history(store)) == [("user", "question"), ("assistant", "The answer.")]
+
+
+async def test_a_repeat_while_the_first_delivery_streams_waits_for_its_reply(store: AgentStore) -> None:
+    model = Model(["One", " two", " three."], delay=0.05)
+    runner = make_runner(store, model.stream)
+
+    first, second = await asyncio.gather(
+        collect(runner.stream_message(message("count", "t1"), delivery="d1")),
+        collect(runner.stream_message(message("count", "t1"), delivery="d1")),
+    )
+
+    assert len(model.calls) == 1
+    assert spoken(first) == spoken(second) == "One two three."
+    assert seen(await history(store)) == [("user", "count"), ("assistant", "One two three.")]
+
+
+async def test_the_same_body_without_a_turn_id_is_recognised_by_its_digest(store: AgentStore) -> None:
+    model = Model(["Once."], ["Twice."])
+    runner = make_runner(store, model.stream)
+    event = MessageEvent(conversation_id="conv", session_id="sess", text="hi")
+
+    await collect(runner.stream_message(event, delivery="digest-1"))
+    await collect(runner.stream_message(event, delivery="digest-1"))
+
+    assert len(model.calls) == 1
+
+
+async def test_a_repeated_welcome_is_spoken_but_stored_once(store: AgentStore) -> None:
+    runner = make_runner(store, Model().stream, welcome_message="Welcome!")
+    start = SessionStartEvent(conversation_id="conv", session_id="sess", turn_id="w1")
+
+    first = await collect(runner.stream_session_start(start))
+    second = await collect(runner.stream_session_start(start))
+
+    assert spoken(first) == spoken(second) == "Welcome!"
+    assert seen(await history(store)) == [("assistant", "Welcome!")]
+
+
+async def test_a_repeated_data_delivery_runs_the_handler_once(store: AgentStore) -> None:
+    calls: list[object] = []
+
+    async def handler(event: DataEvent) -> Any:
+        calls.append(event.data)
+        await asyncio.sleep(0.05)
+        return {"count": len(calls)}
+
+    runner = make_runner(store, Model().stream, data_handler=handler)
+    event = DataEvent(conversation_id="conv", turn_id="t1", data={"button": "yes"})
+
+    replies = await asyncio.gather(*(runner.handle_data(event, delivery="d1") for _ in range(3)))
+    later = await runner.handle_data(event, delivery="d1")
+    other = await runner.handle_data(event, delivery="d2")
+
+    assert calls == [{"button": "yes"}, {"button": "yes"}]
+    assert [reply.content for reply in replies] == [{"count": 1}] * 3
+    assert later.content == {"count": 1}
+    assert other.content == {"count": 2}
+
+
+async def test_a_failing_data_handler_lets_a_retry_run_it_again(store: AgentStore) -> None:
+    attempts: list[int] = []
+
+    async def handler(event: DataEvent) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first try fails")
+        return "ok"
+
+    runner = make_runner(store, Model().stream, data_handler=handler)
+    event = DataEvent(conversation_id="conv", turn_id="t1", data={})
+    with pytest.raises(RuntimeError):
+        await runner.handle_data(event, delivery="d1")
+
+    assert (await runner.handle_data(event, delivery="d1")).content == "ok"
+
+
+async def test_a_repeated_session_end_is_stored_once(store: AgentStore) -> None:
+    runner = make_runner(store, Model().stream)
+    end = SessionEndEvent(conversation_id="conv", session_id="sess", transcript=[])
+
+    assert await runner.record_session_event(end, delivery="d1") is True
+    assert await runner.record_session_event(end, delivery="d1") is False
+    assert await runner.record_session_event(end, delivery="d2") is True
+
+    assert [event.event_type for event in await store.session_events("conv")] == ["session.end", "session.end"]
+
+
+# --- Latest turn wins ---------------------------------------------------------------------------------
+
+
+async def test_a_new_turn_stops_the_one_still_streaming_and_goes_after_it(store: AgentStore) -> None:
+    model = Model([f" w{index}" for index in range(200)], ["Second."], delay=0.01)
+    runner = make_runner(store, model.stream)
+
+    first = Listener(runner.stream_message(message("first", "t1")), after=1)
+    await first.spoke.wait()
+    second = await collect(runner.stream_message(message("second", "t2")))
+    first_events = await asyncio.wait_for(first.task, 5)
+
+    assert spoken(second) == "Second."
+    assert first_events[-1].type == "response.end"
+    assert model.tokens_sent < 150
+    stored = await history(store)
+    assert [turn for turn, *_ in statuses(stored)] == ["t1", "t1", "t2", "t2"]
+    assert statuses(stored)[1] == ("t1", "assistant", "interrupted")
+    assert seen(stored)[1][1] == spoken(first_events)
+    assert model.calls[-1][:1] == [("user", "first")] and model.calls[-1][-1] == ("user", "second")
+
+
+async def test_many_turns_at_once_never_interleave(store: AgentStore) -> None:
+    model = Model(*[[f"r{index}"] for index in range(10)], delay=0.005)
+    runner = make_runner(store, model.stream)
+
+    await asyncio.gather(*(collect(runner.stream_message(message(f"u{i}", f"t{i}"))) for i in range(10)))
+    await settled(runner)
+
+    stored = await history(store)
+    roles = [role for _, role, _ in statuses(stored)]
+    assert roles == ["user", "assistant"] * 10
+    turns = [turn for turn, *_ in statuses(stored)]
+    assert turns[0::2] == turns[1::2], "each reply follows its own user message"
+    assert {status for *_, status in statuses(stored)} <= {None, "completed", "interrupted"}
+
+
+# --- Several workers on one SQLite file ----------------------------------------------------------------
+
+
+async def test_a_turn_on_another_worker_is_cancelled_and_closed_first(tmp_path: Path) -> None:
+    model_a = Model([f" a{index}" for index in range(300)], delay=0.01)
+    model_b = Model(["From B."])
+    async with SQLiteStore(tmp_path / "c.db") as store_a, SQLiteStore(tmp_path / "c.db") as store_b:
+        worker_a = make_runner(store_a, model_a.stream, owner="worker-a")
+        worker_b = make_runner(store_b, model_b.stream, owner="worker-b")
+
+        first = Listener(worker_a.stream_message(message("first", "t1")), after=3)
+        await first.spoke.wait()
+        second = await collect(worker_b.stream_message(message("second", "t2")))
+        first_events = await asyncio.wait_for(first.task, 5)
+        stored = await history(store_b)
+
+    assert spoken(second) == "From B."
+    assert first_events[-1].type == "response.end"
+    assert model_a.tokens_sent < 200, "worker A's model stream must be cancelled"
+    assert statuses(stored) == [
+        ("t1", "user", None),
+        ("t1", "assistant", "interrupted"),
+        ("t2", "user", None),
+        ("t2", "assistant", "completed"),
+    ]
+    assert seen(stored)[1][1] == spoken(first_events)
+    heard = f"{spoken(first_events).rstrip()} [interrupted]"
+    assert model_b.calls == [[("user", "first"), ("assistant", heard), ("user", "second")]]
+
+
+async def test_a_turn_whose_worker_died_is_taken_over_at_once(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "c.db") as store:
+        # What a worker killed mid-stream leaves: the caller's words and its placeholder, no heartbeat.
+        await store.save(
+            _conversation(
+                [
+                    ModelRequest(parts=[UserPromptPart("first")], metadata=turn_meta("t1", "user")),
+                    ModelResponse(parts=[], metadata=turn_meta("t1", "assistant", "pending", owner="dead-worker")),
+                ]
+            )
+        )
+        model = Model(["Back again."])
+        runner = make_runner(store, model.stream, handover_timeout=10)
+        heard = {"previous_turn_interrupted": True, "text_heard": "Hel", "assistant_turn_id": "t1"}
+
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        events = await collect(runner.stream_message(message("hello?", "t2", interruption_context=heard)))
+        took = loop.time() - began
+        stored = await history(store)
+
+    assert spoken(events) == "Back again."
+    assert took < 5, "no heartbeat: the dead worker's turn is taken over without waiting out the timeout"
+    assert statuses(stored) == [
+        ("t1", "user", None),
+        ("t1", "assistant", "lost"),
+        ("t2", "user", None),
+        ("t2", "assistant", "completed"),
+    ]
+    assert seen(stored)[1] == ("assistant", "Hel")
+
+
+async def test_a_silent_worker_with_a_heartbeat_is_waited_for_then_taken_over(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "c.db") as store:
+        await store.save(
+            _conversation(
+                [
+                    ModelRequest(parts=[UserPromptPart("first")], metadata=turn_meta("t1", "user")),
+                    ModelResponse(parts=[], metadata=turn_meta("t1", "assistant", "pending", owner="hung-worker")),
+                ]
+            )
+        )
+        await store.set_marker("", "worker:hung-worker", "alive", ttl=30)
+        runner = make_runner(store, Model(["Here."]).stream, handover_timeout=0.5)
+
+        events = await collect(runner.stream_message(message("hello?", "t2")))
+        asked = await store.get_markers([("conv", "cancel")])
+        stored = await history(store)
+
+    assert spoken(events) == "Here."
+    assert asked == ["t1"], "the other worker was asked to cancel its turn"
+    assert [status for *_, status in statuses(stored)] == [None, "lost", None, "completed"]
+    assert seen(stored) == [("user", "first"), ("user", "hello?"), ("assistant", "Here.")]
+
+
+def _conversation(messages: list[ModelMessage]) -> Conversation:
+    return Conversation(conversation_id="conv", messages=messages)
