@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 SERVE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help uv install run server test testcov lint format typecheck check tunnel clean
+.PHONY: help uv install test-deps run server test testcov lint format typecheck check tunnel clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,10 +21,14 @@ run: install ## Start the server on the embedded defaults (no keys, no .env need
 
 server: run ## Same as `make run`
 
-test: install ## Run every test
+# System programs the tests run for real (CI's .ci/run installs them with apt).
+test-deps:
+	@command -v redis-server >/dev/null 2>&1 || { echo "make test needs redis-server: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis"; exit 1; }
+
+test: install test-deps ## Run every test
 	$(UV) run --no-sync pytest
 
-testcov: install ## Run every test with branch coverage
+testcov: install test-deps ## Run every test with branch coverage
 	$(UV) run --no-sync coverage run -m pytest
 	$(UV) run --no-sync coverage combine --quiet
 	$(UV) run --no-sync coverage report

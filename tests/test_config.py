@@ -56,3 +56,12 @@ def test_system_prompt_file(tmp_path: Path) -> None:
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Be a pirate.\n")
     assert Settings(system_prompt_file=prompt).resolved_system_prompt() == "Be a pirate."
+
+
+def test_admin_token_is_secret_and_an_empty_one_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", "adm-123")
+    settings = Settings()
+    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "adm-123"
+    assert "adm-123" not in repr(settings)
+    monkeypatch.setenv("ADMIN_TOKEN", "")
+    assert Settings().admin_token is None

@@ -18,6 +18,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "agent": {"protocol", "stores", "turns", "server", "cli", "client", "config", "fastapi", "starlette"},
     "stores": {"protocol", "agent", "turns", "server", "cli", "client", "config", "fastapi", "starlette"},
     "turns.py": {"server", "cli", "fastapi", "starlette"},
+    "conversations.py": {"server", "cli", "turns", "fastapi", "starlette"},
     "cli": {"fastapi", "starlette"},
 }
 

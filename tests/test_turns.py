@@ -310,7 +310,7 @@ async def test_a_failing_model_gets_an_apology_stored_as_failed(store: AgentStor
 
 
 async def test_a_repeated_delivery_gets_the_stored_reply_without_a_second_llm_call(store: AgentStore) -> None:
-    model = Model(["The answer."], ["Should never be said."])
+    model = Model(["**The** answer."], ["Should never be said."])
     runner = make_runner(store, model.stream)
 
     first = await collect(runner.stream_message(message("question", "t1"), delivery="d1"))
@@ -319,7 +319,7 @@ async def test_a_repeated_delivery_gets_the_stored_reply_without_a_second_llm_ca
     assert len(model.calls) == 1
     assert spoken(first) == spoken(second) == "The answer."
     assert second[-1].type == "response.end"
-    assert seen(await history(store)) == [("user", "question"), ("assistant", "The answer.")]
+    assert seen(await history(store)) == [("user", "question"), ("assistant", "**The** answer.")]
 
 
 async def test_a_repeat_while_the_first_delivery_streams_waits_for_its_reply(store: AgentStore) -> None:

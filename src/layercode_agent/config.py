@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, validation_alias=AliasChoices("WORKERS", "WEB_CONCURRENCY"))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     logfire_token: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    """Bearer token for `/api/conversations`; unset, those routes do not exist."""
 
     @field_validator(
         "layercode_webhook_secret",
@@ -76,6 +78,7 @@ class Settings(BaseSettings):
         "anthropic_api_key",
         "gemini_api_key",
         "logfire_token",
+        "admin_token",
         "agent",
         "data_handler",
         "conversation_store",

@@ -56,7 +56,7 @@ from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage
 
-from .agent import APOLOGY, INTERRUPTED_MARK, TOOL_FILLER, CallContext, VoiceTextCleaner
+from .agent import APOLOGY, INTERRUPTED_MARK, TOOL_FILLER, CallContext, VoiceTextCleaner, clean_text
 from .history import (
     COMPLETED,
     FAILED,
@@ -276,7 +276,8 @@ class TurnRunner:
             timing.mark("history_saved")
             if isinstance(began, _Duplicate):
                 turn.outcome = "duplicate"
-                text = await self._stored_reply(turn.conversation_id, turn.turn_id)
+                # Stored as the model wrote it; spoken as the first delivery was, without markdown.
+                text = clean_text(await self._stored_reply(turn.conversation_id, turn.turn_id))
                 if text:
                     put(TTSResponse(content=text, turn_id=turn.turn_id))
                 return

@@ -22,14 +22,20 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.usage import RequestUsage, RunUsage
 
-from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore
+from layercode_agent.stores import AgentStore, MemoryStore, RedisStore, SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AgentStore]:
-    backend: AgentStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "conversations.db")
+    backend: AgentStore
+    if request.param == "memory":
+        backend = MemoryStore()
+    elif request.param == "sqlite":
+        backend = SQLiteStore(tmp_path / "conversations.db")
+    else:  # Only the Redis runs start the session's redis-server.
+        backend = RedisStore(request.getfixturevalue("redis_url"))
     async with backend:
         yield backend
 

@@ -340,8 +340,6 @@ async def test_open_store_memory() -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("redis://:hunter2@localhost:6379/0", "redis:// stores are not available yet"),
-        ("rediss://localhost", "redis:// stores are not available yet"),
         ("postgres://user:hunter2@db/agent", "Unsupported store URL scheme 'postgres'; use memory://"),
         ("data/conversations.db", "has no scheme"),
         ("sqlite://", "sqlite:///relative/path.db"),

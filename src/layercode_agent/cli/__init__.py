@@ -1,4 +1,4 @@
-"""The `layercode-agent` command: `serve`, `sign`, `--version`.
+"""The `layercode-agent` command: `serve`, `sign`, `conversations list|show|delete`, `--version`.
 
 `main(argv) -> int` is the testable entry point; `run()` is the console script.
 """

@@ -1,4 +1,4 @@
-"""Typer commands. The server is imported lazily inside `serve`, so `sign` starts instantly."""
+"""Typer commands. The server and the store are imported lazily inside the commands, so `sign` starts instantly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 
 from .. import __version__
 from ..config import get_settings, resolve_webhook_secrets
+from . import conversations
 
 __all__ = ["app", "main", "run"]
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(conversations.app, name="conversations")
 err = Console(stderr=True)
 
 

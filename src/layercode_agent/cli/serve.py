@@ -68,6 +68,8 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     table.add_row("webhook", f"POST {base}/api/agent")
     table.add_row("authorize", f"POST {base}/api/authorize")
     table.add_row("health", f"GET  {base}/health")
+    if settings.admin_token is not None:
+        table.add_row("conversations", f"GET  {base}/api/conversations (Bearer ADMIN_TOKEN)")
     table.add_row("workers", str(workers) + (" (reload)" if reload else ""))
     console.print("[bold]layercode-agent[/] is starting")
     console.print(table)

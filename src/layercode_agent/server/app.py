@@ -30,7 +30,7 @@ from ..telemetry import configure_logfire
 from ..turns import DataHandler, TurnRunner, default_data_handler
 from ..utils import import_string
 from .errors import install_error_handlers
-from .routes import authorize, health, webhook
+from .routes import authorize, conversations, health, webhook
 from .runtime import Runtime
 
 __all__ = ["Runtime", "create_app", "create_app_from_env", "model_choice"]
@@ -105,6 +105,7 @@ def create_app(
                 secrets=secrets.values,
                 secret_source=secrets.source,
                 runner=runner,
+                store=store,
                 http=http,
                 model_name=model_name,
                 store_description=store.description,
@@ -127,6 +128,9 @@ def create_app(
     app.include_router(webhook.router)
     app.include_router(authorize.router)
     app.include_router(health.router)
+    if settings.admin_token is not None:
+        # Without a token there is no admin API at all (404), rather than one nobody can open.
+        app.include_router(conversations.router)
     return app
 
 

@@ -3,6 +3,7 @@
 - `SignatureError` -> 401 with the precise reason (nothing stored, no LLM call)
 - `PayloadError` -> 400 (not JSON) or 422 (JSON that is not a valid event), saying what is wrong
 - `StoreError` -> 503 (the conversation store is unreachable; Layercode may retry)
+- `AdminAuthError` -> 401 with `WWW-Authenticate: Bearer` (the admin API's token is missing or wrong)
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ from fastapi.responses import JSONResponse
 from ..protocol import PayloadError, SignatureError
 from ..stores import StoreError
 
-__all__ = ["install_error_handlers"]
+__all__ = ["AdminAuthError", "install_error_handlers"]
 
 logger = logging.getLogger("layercode_agent.server")
+
+
+class AdminAuthError(Exception):
+    """A request to the admin API without the right `Authorization: Bearer` token."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        """Why it was refused, safe to send back (it never contains a token)."""
 
 
 def _client(request: Request) -> str:
@@ -41,8 +51,17 @@ async def _store_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "conversation store unavailable", "reason": str(exc)}, status_code=503)
 
 
+async def _admin_auth_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AdminAuthError)
+    logger.warning("rejected admin request from %s: %s", _client(request), exc.reason)
+    return JSONResponse(
+        {"error": "unauthorized", "reason": exc.reason}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on `app`."""
     app.add_exception_handler(SignatureError, _signature_error)
+    app.add_exception_handler(AdminAuthError, _admin_auth_error)
     app.add_exception_handler(PayloadError, _payload_error)
     app.add_exception_handler(StoreError, _store_error)

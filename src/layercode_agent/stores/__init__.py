@@ -1,18 +1,21 @@
 """Where conversations live between turns: backends of pydantic-ai's `ConversationStore`, chosen by URL.
 
-A URL keeps the choice to one setting (`memory://`, `sqlite:///data/conversations.db`) that the
-composition root passes to `open_store`; the rest of the app only sees an `AgentStore`.
+A URL keeps the choice to one setting (`memory://`, `sqlite:///data/conversations.db`,
+`redis://localhost:6379/0?ttl=604800`) that the composition root passes to `open_store`; the rest of
+the app only sees an `AgentStore`.
 """
 
 from __future__ import annotations
 
 from .base import AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
 from .memory import MemoryStore
+from .redis import RedisStore
 from .sqlite import SQLiteStore
 
 __all__ = [
     "AgentStore",
     "MemoryStore",
+    "RedisStore",
     "SQLiteStore",
     "SessionEventRecord",
     "StoreError",
@@ -20,7 +23,10 @@ __all__ = [
     "open_store",
 ]
 
-_ACCEPTED = "memory://, sqlite:///relative/path.db or sqlite:////absolute/path.db"
+_ACCEPTED = (
+    "memory://, sqlite:///relative/path.db, sqlite:////absolute/path.db "
+    "or redis://[[user]:password@]host[:port][/db][?prefix=...&ttl=seconds] (rediss:// for TLS)"
+)
 
 
 def open_store(url: str) -> AgentStore:
@@ -29,13 +35,17 @@ def open_store(url: str) -> AgentStore:
     - `memory://`: a `MemoryStore`, for one process that may forget everything on restart.
     - `sqlite:///data/conversations.db`: a `SQLiteStore` at a path relative to the working directory;
       `sqlite:////var/lib/agent/conversations.db` (four slashes) for an absolute path, as in SQLAlchemy.
-    - `redis://...`: not available yet.
+    - `redis://[[user]:password@]host[:port][/db]` (`rediss://` for TLS): a `RedisStore`, shared by workers
+      on any host. `?prefix=` sets the key prefix (default `layercode-agent:`), `?ttl=` the seconds a
+      conversation is kept after its last write (default: until deleted); other query parameters go
+      to redis-py (`socket_timeout=2`).
 
     Args:
         url: The store URL.
 
     Raises:
         StoreError: If the URL is malformed, its scheme unsupported, or the database cannot be opened.
+            Nothing in the message repeats a password from the URL.
     """
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
@@ -53,10 +63,7 @@ def open_store(url: str) -> AgentStore:
             )
         return SQLiteStore(path)
     if scheme in {"redis", "rediss"}:
-        # Don't echo the URL: it may carry a password.
-        raise StoreError(
-            "redis:// stores are not available yet; use sqlite:///path/to/conversations.db to share "
-            "conversations between workers on one host, or memory:// for a single process."
-        )
+        # RedisStore never echoes the URL: it may carry a password.
+        return RedisStore(url)
     # Only the scheme is echoed, in case the rest carries credentials.
     raise StoreError(f"Unsupported store URL scheme {scheme!r}; use {_ACCEPTED}.")
