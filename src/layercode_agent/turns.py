@@ -609,6 +609,7 @@ class TurnRunner:
             self._watcher = self._spawn(self._watch_loop())
 
     async def _watch_loop(self) -> None:
+        failing = False
         while self._active:
             try:
                 await self._heartbeat()
@@ -618,8 +619,13 @@ class TurnRunner:
                     if wanted is not None and turn is not None and turn.turn_id == wanted:
                         logger.info("turn %s superseded by a newer turn on another worker", wanted)
                         turn.stop()
+                if failing:
+                    logger.info("checking for cancelled turns works again")
+                failing = False
             except StoreError as exc:
-                logger.warning("could not check for cancelled turns: %s", exc)
+                if not failing:  # Once per outage, not every poll.
+                    logger.warning("could not check for cancelled turns: %s", exc)
+                failing = True
             await asyncio.sleep(self.poll_interval)
 
     def _lock(self, conversation_id: str) -> _ConversationLock:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,8 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.default = Reply()
+        self.responder: Callable[[Received], Reply] | None = None
+        """Answers requests nothing was scripted for, from what they carry; `default` when unset."""
         self.received: list[Received] = []
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -64,7 +66,7 @@ class FakeOpenAI:
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def script(self, *replies: Reply) -> None:
-        """Answer the next requests with these replies, in order, then with `default`."""
+        """Answer the next requests with these replies, in order, then with `responder` or `default`."""
         self.replies.extend(replies)
 
     def __enter__(self) -> FakeOpenAI:
@@ -84,7 +86,10 @@ class FakeOpenAI:
         body = await request.json()
         received = Received(body=body, at=time.monotonic())
         self.received.append(received)
-        reply = self.replies.pop(0) if self.replies else self.default
+        if self.replies:
+            reply = self.replies.pop(0)
+        else:
+            reply = self.responder(received) if self.responder is not None else self.default
         if reply.fail == "http500":
             return JSONResponse({"error": {"message": "upstream exploded", "type": "server_error"}}, status_code=500)
         if not body.get("stream"):

@@ -66,6 +66,17 @@ class ServerProcess:
         if not self._log.closed:
             self._log.close()
 
+    def kill(self) -> None:
+        """Die as a crash would: SIGKILL to this server's own PID, no shutdown code runs; then reap it.
+
+        Meant for single-process servers: with `--workers N` the workers would outlive their supervisor.
+        """
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+        if not self._log.closed:
+            self._log.close()
+
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
