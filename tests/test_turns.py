@@ -531,3 +531,13 @@ async def test_a_silent_worker_with_a_heartbeat_is_waited_for_then_taken_over(tm
 
 def _conversation(messages: list[ModelMessage]) -> Conversation:
     return Conversation(conversation_id="conv", messages=messages)
+
+
+async def test_a_copied_interruption_mark_is_neither_spoken_nor_stored(store: AgentStore) -> None:
+    model = Model(["Rome, and the capital of", " [interrupted]"])
+    runner = make_runner(store, model.stream)
+
+    events = await collect(runner.stream_message(message("capital of Italy?", "t1")))
+
+    assert spoken(events).strip() == "Rome, and the capital of"
+    assert seen(await history(store))[-1] == ("assistant", "Rome, and the capital of")

@@ -43,6 +43,7 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    ModelResponsePart,
     PartDeltaEvent,
     PartEndEvent,
     PartStartEvent,
@@ -451,16 +452,26 @@ class TurnRunner:
                     spoke_since_request = True
                     yield TTSResponse(content=text, turn_id=turn_id)
 
-    @staticmethod
-    def _result_messages(messages: list[ModelMessage], turn_id: str) -> list[ModelMessage]:
-        """The run's messages marked as this turn's: tool traffic, then the reply."""
+    def _result_messages(self, messages: list[ModelMessage], turn_id: str) -> list[ModelMessage]:
+        """The run's messages marked as this turn's: tool traffic, then the reply.
+
+        A model that copied the interruption mark from its history gets it removed here (the caller
+        never heard it either: the voice cleaner drops bracketed text), so it never spreads.
+        """
         marked: list[ModelMessage] = []
         last = len(messages) - 1
         for index, message in enumerate(messages):
             role = "assistant" if index == last and isinstance(message, ModelResponse) else "tool"
             status = COMPLETED if role == "assistant" else None
+            if role == "assistant" and self.interrupted_mark and isinstance(message, ModelResponse):
+                message = replace(message, parts=[self._unmarked(part) for part in message.parts])
             marked.append(replace(message, metadata={**(message.metadata or {}), **turn_meta(turn_id, role, status)}))
         return marked
+
+    def _unmarked(self, part: ModelResponsePart) -> ModelResponsePart:
+        if not isinstance(part, TextPart) or self.interrupted_mark not in part.content:
+            return part
+        return replace(part, content=" ".join(part.content.replace(self.interrupted_mark, " ").split()))
 
     # ------------------------------------------------------------------ beginning and closing turns
 

@@ -1,10 +1,11 @@
 """Remove markdown and emoji from streamed LLM text, without delaying the first word.
 
 Models trained for chat write `**bold**`, `- bullets`, `# headings`, `[links](url)` and emoji even
-when told not to. A TTS engine reads those aloud ("asterisk asterisk"). `VoiceTextCleaner` filters
-each delta as it arrives; it only ever holds back the few characters whose meaning depends on what
-follows (a `]` that may open a link target, digits at the start of a line that may number a list),
-so plain text passes straight through.
+when told not to, and voice-minded ones add stage directions such as `[laughs]` or copy the
+`[interrupted]` mark from their history. A TTS engine reads all of those aloud ("asterisk
+asterisk"). `VoiceTextCleaner` filters each delta as it arrives; it only holds back what depends on
+what follows (bracketed text until its `]` says link or stage direction, digits at the start of a
+line that may number a list), so plain text passes straight through.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def _is_emoji(char: str) -> bool:
 
 _DROP = frozenset("*_`#~|>")
 _BULLETS = frozenset("-*+•")
+_MAX_BRACKET = 60
+"""Longer bracketed text is not a link label or a stage direction: it is spoken."""
 
 
 class VoiceTextCleaner:
@@ -38,6 +41,8 @@ class VoiceTextCleaner:
         self._pending = ""  # characters held back until the next one decides their fate
         self._in_link_target = False
         self._last_emitted = " "
+        self._bracket: str | None = None  # text after an unclosed "[", held until "]" decides
+        self._label = ""  # a closed bracket's text, spoken only if "(" makes it a link
 
     def feed(self, delta: str) -> str:
         """Clean one delta; the result may be empty while an ambiguous prefix is held back."""
@@ -49,11 +54,19 @@ class VoiceTextCleaner:
     def flush(self) -> str:
         """Return whatever is still held back, cleaned, at the end of the stream."""
         out: list[str] = []
+        if self._bracket is not None:  # Never closed: it was ordinary text.
+            self._release_bracket(out)
         pending, self._pending = self._pending, ""
+        self._label = ""  # A bracket closing the stream was a stage direction.
         if pending and not pending.startswith("]"):
             # Digits at a line start that never became "1." are ordinary text.
             out.append(pending)
         return self._finish(out)
+
+    def _release_bracket(self, out: list[str]) -> None:
+        held, self._bracket = self._bracket or "", None
+        for char in held:
+            self._step(char, out, bracket_open=False)
 
     def _finish(self, out: list[str]) -> str:
         text = "".join(out)
@@ -68,18 +81,31 @@ class VoiceTextCleaner:
             return  # collapse the spaces left where markup or newlines were removed
         out.append(text)
 
-    def _step(self, char: str, out: list[str]) -> None:
+    def _step(self, char: str, out: list[str], *, bracket_open: bool = True) -> None:
         if self._in_link_target:
             if char == ")":
                 self._in_link_target = False
             return
+        if self._bracket is not None:
+            if char == "]":
+                self._label, self._bracket = self._bracket, None
+                self._pending = "]"
+                return
+            if char not in "\r\n" and len(self._bracket) < _MAX_BRACKET:
+                self._bracket += char
+                return
+            self._release_bracket(out)
         if self._pending:
             pending = self._pending
             if pending == "]":
                 self._pending = ""
+                label, self._label = self._label, ""
                 if char == "(":
+                    for held in label:  # "[label](url)": speak the label, skip the target.
+                        self._step(held, out, bracket_open=False)
                     self._in_link_target = True
                     return
+                # "[laughs]" or a copied "[interrupted]": a stage direction, never spoken.
             elif pending.isdigit():
                 if char.isdigit():
                     self._pending += char
@@ -114,10 +140,10 @@ class VoiceTextCleaner:
                 self._pending = char
                 return
             self._line_start = False
-        if char == "]":
-            self._pending = "]"
+        if char == "[" and bracket_open:
+            self._bracket = ""
             return
-        if char in _DROP or char == "[":
+        if char in _DROP or char in "[]":
             return
         self._emit(char, out)
 
