@@ -16,14 +16,15 @@ uv:
 install: uv ## Create or update the venv from uv.lock (with the embedded model and dev tools)
 	@$(UV) sync --locked --all-extras --quiet
 
-run: install ## Start the server on the embedded defaults (no keys, no .env needed)
-	$(UV) run --no-sync layercode-agent serve $(SERVE_ARGS)
+run: install ## Start the server on the embedded defaults (no keys, no .env needed), with the playground
+	PLAYGROUND=$${PLAYGROUND:-true} $(UV) run --no-sync layercode-agent serve $(SERVE_ARGS)
 
 server: run ## Same as `make run`
 
 # System programs the tests run for real (CI's .ci/run installs them with apt).
 test-deps:
 	@command -v redis-server >/dev/null 2>&1 || { echo "make test needs redis-server: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis"; exit 1; }
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$CHROMIUM_PATH" ] || { echo "make test needs Chromium: sudo apt-get install chromium (Debian/Ubuntu), or set CHROMIUM_PATH"; exit 1; }
 
 test: install test-deps ## Run every test
 	$(UV) run --no-sync pytest
@@ -45,6 +46,9 @@ typecheck: install ## Type-check src and tests (pyright strict)
 	$(UV) run --no-sync pyright
 
 check: lint typecheck ## Lint + typecheck
+
+tunnel: install ## Expose the local server to Layercode's cloud (npx @layercode/cli tunnel; needs LAYERCODE_AGENT_ID)
+	$(UV) run --no-sync layercode-agent tunnel $(TUNNEL_ARGS)
 
 clean: ## Remove caches (keeps data/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .coverage .coverage.* htmlcov dist build

@@ -17,7 +17,36 @@ import httpx
 
 from .protocol import SIGNATURE_HEADER, SSEParser, sign
 
-__all__ = ["TurnResult", "WebhookClient"]
+__all__ = ["Transcript", "TurnResult", "WebhookClient", "interruption_context"]
+
+
+def interruption_context(assistant_turn_id: str | None, text_heard: str) -> dict[str, Any]:
+    """The `interruption_context` Layercode puts on the `message` after a barge-in.
+
+    Args:
+        assistant_turn_id: The turn whose reply was cut off.
+        text_heard: The words of that reply the caller heard (or saw) before interrupting.
+    """
+    context: dict[str, Any] = {
+        "previous_turn_interrupted": True,
+        "words_heard": len(text_heard.split()),
+        "text_heard": text_heard,
+    }
+    if assistant_turn_id is not None:
+        context["assistant_turn_id"] = assistant_turn_id
+    return context
+
+
+@dataclass
+class Transcript:
+    """A session's transcript in the shape `session.end` carries: `{role, text, timestamp}` entries, ms timestamps."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
+
+    def add(self, role: str, text: str) -> None:
+        """Record what `"user"` or `"assistant"` said, stamped now; empty text is skipped."""
+        if text.strip():
+            self.entries.append({"role": role, "text": text.strip(), "timestamp": int(time.time() * 1000)})
 
 
 @dataclass
@@ -146,3 +175,15 @@ class WebhookClient:
     async def start(self, **fields: Any) -> TurnResult:
         """Send `session.start`."""
         return await self.turn(self.body("session.start", **fields))
+
+    async def data(self, data: Any, **fields: Any) -> httpx.Response:
+        """Send a `data` webhook (client data); the answer is a JSON `response.data`."""
+        return await self.post(self.body("data", data=data, **fields))
+
+    async def end(self, transcript: Transcript | None = None, *, started_at: float | None = None) -> httpx.Response:
+        """Send `session.end` with the transcript, as Layercode does when a session closes."""
+        now = time.time()
+        fields: dict[str, Any] = {"transcript": transcript.entries if transcript else []}
+        if started_at is not None:
+            fields["duration"] = int((now - started_at) * 1000)
+        return await self.post(self.body("session.end", **fields))
