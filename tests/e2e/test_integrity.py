@@ -1,6 +1,6 @@
 """A conversation never loses or corrupts a turn: barge-ins, duplicates, racing turns, several workers, crashes.
 
-Every test runs the real `layercode-agent serve` (one process, `--workers 2`, or two servers sharing
+Every test runs the real `layercode-agent serve` (one process, `--workers 2` on SQLite or Redis, or two servers sharing
 Redis) against the OpenAI-compatible fake, speaks to it as Layercode does (signed POSTs, SSE), then
 checks two views of the conversation exactly: the stored turn records, and what the LLM was sent.
 """
@@ -503,15 +503,16 @@ async def test_a_duplicate_delivered_to_the_other_server_mid_stream_is_answered_
     assert_clean_log(logs)
 
 
-# --- 5. Two workers on SQLite under load ----------------------------------------------------------
+# --- 5. Two workers on SQLite (or Redis) under load ------------------------------------------------
 
 
-async def test_two_workers_on_sqlite_keep_fifty_concurrent_conversations_whole(
-    tmp_path: Path, fake_llm: FakeOpenAI
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_two_workers_keep_fifty_concurrent_conversations_whole(
+    tmp_path: Path, fake_llm: FakeOpenAI, backend: str, request: pytest.FixtureRequest
 ) -> None:
     conversations, turns = 50, 4
     fake_llm.responder = answer_by_request
-    store_url = sqlite_url(tmp_path)
+    store_url = sqlite_url(tmp_path) if backend == "sqlite" else str(request.getfixturevalue("redis_url"))
     started = time.monotonic()
     with ServerProcess(server_env(fake_llm, tmp_path, store_url), cwd=tmp_path, args=("--workers", "2")) as server:
         limits = httpx.Limits(max_connections=conversations * 2, max_keepalive_connections=conversations * 2)
