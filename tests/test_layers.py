@@ -20,6 +20,11 @@ FORBIDDEN: dict[str, set[str]] = {
     "turns.py": {"server", "cli", "fastapi", "starlette"},
     "conversations.py": {"server", "cli", "turns", "fastapi", "starlette"},
     "cli": {"fastapi", "starlette"},
+    # Scenarios speak to any backend over HTTP, as Layercode does: never through this server's internals.
+    "simulate.py": {
+        *("server", "turns", "stores", "agent", "cli", "config", "conversations"),
+        *("fastapi", "starlette", "pydantic_ai"),
+    },
 }
 
 

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     logfire_token: SecretStr | None = None
     admin_token: SecretStr | None = None
     """Bearer token for `/api/conversations`; unset, those routes do not exist."""
+    playground: bool = False
+    """Serve the browser playground at `/playground`; only mounted when `host` is a loopback address."""
 
     @field_validator(
         "layercode_webhook_secret",
@@ -90,6 +92,12 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # `KEY=` in a .env copied from .env.example means "not set", not "set to the empty string".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("playground", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        # `PLAYGROUND=` means off, like the other empty values, instead of failing bool parsing.
+        return False if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

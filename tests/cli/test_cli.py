@@ -62,3 +62,21 @@ def test_serve_reports_an_unknown_model(
     monkeypatch.setenv("AGENT_MODEL", "nonsense:model-x")
     assert main(["serve"]) == 2
     assert "Cannot start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["sign", "{}", "--timestamp", "soon"], "Invalid value for '--timestamp'"),
+        (["chat", "--bogus"], "No such option: --bogus"),
+        (["simulate", "a.yaml", "--concurrency", "x"], "Invalid value for '--concurrency'"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_a_usage_error_exits_2_with_the_reason_and_no_traceback(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert reason in " ".join(err.replace("│", " ").split())
+    assert "Traceback" not in err

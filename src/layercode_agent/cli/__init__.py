@@ -1,4 +1,4 @@
-"""The `layercode-agent` command: `serve`, `sign`, `conversations list|show|delete`, `--version`.
+"""The `layercode-agent` command: `serve`, `chat`, `simulate`, `tunnel`, `sign`, `conversations list|show|delete`.
 
 `main(argv) -> int` is the testable entry point; `run()` is the console script.
 """

@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 
 from .. import __version__
 from ..config import get_settings, resolve_webhook_secrets
 from . import conversations
+from . import simulate as simulate_command
+from . import tunnel as tunnel_command
 
 __all__ = ["app", "main", "run"]
 
@@ -99,19 +100,40 @@ def sign(
     typer.echo(sign_body(raw, secret, timestamp=timestamp if timestamp is not None else int(time.time())))
 
 
+@app.command()
+def chat(
+    url: Annotated[
+        str | None, typer.Option(help="Webhook URL of any Layercode backend (default http://127.0.0.1:PORT/api/agent).")
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(help="Secret to sign with (default LAYERCODE_WEBHOOK_SECRET or the development secret)."),
+    ] = None,
+    conversation_id: Annotated[str | None, typer.Option(help="Continue this conversation (default a new one).")] = None,
+) -> None:
+    """Talk to a running agent backend from the terminal, as Layercode would: streamed replies, barge-in."""
+    from .chat import run_chat
+
+    raise typer.Exit(run_chat(url=url, secret=secret, conversation_id=conversation_id))
+
+
+# `simulate` and `tunnel` live in their own modules, which import their heavy parts inside the commands.
+app.command("simulate")(simulate_command.simulate)
+app.command("tunnel")(tunnel_command.tunnel)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI with `argv` and return its exit code (for tests and `python -m`)."""
+    """Run the CLI with `argv` and return its exit code (for tests and `python -m`).
+
+    Click's standalone mode does the error handling: a usage error prints the usage and a one-line
+    reason with exit code 2, Ctrl-C at a prompt exits 1, `typer.Exit(n)` exits n.
+    """
     try:
-        # Outside standalone mode click returns the code of a `typer.Exit` instead of raising it.
-        code = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        return 1
-    return code if isinstance(code, int) else 0
+        app(args=argv, prog_name="layercode-agent")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else 0 if code is None else 1
+    return 0
 
 
 def run() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 import typer
@@ -70,6 +71,14 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     table.add_row("health", f"GET  {base}/health")
     if settings.admin_token is not None:
         table.add_row("conversations", f"GET  {base}/api/conversations (Bearer ADMIN_TOKEN)")
+    if settings.playground:
+        from ..server.routes.playground import PLAYGROUND_PATH, playground_refusal
+
+        refusal = playground_refusal(host)
+        page_host = "localhost" if host in ("127.0.0.1", "localhost") else f"[{host}]" if ":" in host else host
+        table.add_row(
+            "playground", f"http://{page_host}:{port}{PLAYGROUND_PATH}" if refusal is None else f"off: {refusal}"
+        )
     table.add_row("workers", str(workers) + (" (reload)" if reload else ""))
     console.print("[bold]layercode-agent[/] is starting")
     console.print(table)
@@ -78,6 +87,9 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
             "[dim]No LAYERCODE_WEBHOOK_SECRET is set: webhooks must be signed with the development secret "
             "(`layercode-agent sign` uses it).[/]"
         )
+    # The factory re-reads the settings; it must see the interface actually bound (--host may differ from
+    # HOST), since that decides whether the playground may be mounted.
+    os.environ["HOST"] = host
     logging.getLogger("layercode_agent").debug("starting uvicorn with factory %s", FACTORY)
     uvicorn.run(
         FACTORY,

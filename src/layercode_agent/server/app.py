@@ -30,7 +30,7 @@ from ..telemetry import configure_logfire
 from ..turns import DataHandler, TurnRunner, default_data_handler
 from ..utils import import_string
 from .errors import install_error_handlers
-from .routes import authorize, conversations, health, webhook
+from .routes import authorize, conversations, health, playground, webhook
 from .runtime import Runtime
 
 __all__ = ["Runtime", "create_app", "create_app_from_env", "model_choice"]
@@ -131,6 +131,12 @@ def create_app(
     if settings.admin_token is not None:
         # Without a token there is no admin API at all (404), rather than one nobody can open.
         app.include_router(conversations.router)
+    if settings.playground:
+        # The playground signs webhooks with the server's secret: never on an interface others can reach.
+        if (refusal := playground.playground_refusal(settings.host)) is None:
+            app.include_router(playground.router)
+        else:
+            logger.warning("PLAYGROUND is on but not mounted: %s", refusal)
     return app
 
 
