@@ -22,14 +22,13 @@ from typing import Any
 
 import pexpect
 import pytest
-from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from layercode_agent.cli import main
-from layercode_agent.stores import SessionEventRecord, open_store
 
+from ..fakes.history import dialogue, session_events, stored, text_of
 from ..fakes.net import free_port
 from ..fakes.openai_server import FakeOpenAI, Received, Reply
-from ..fakes.server_process import ServerProcess
+from ..fakes.server_process import ServerProcess, server_env, sqlite_url
 
 SECRET = "whsec_chat_test"
 WELCOME = "Welcome to the chat test."
@@ -41,23 +40,12 @@ TIMEOUT = 60
 # --- The server, its LLM and the chat process -------------------------------------------------------
 
 
-def _content(content: Any) -> str:
-    if isinstance(content, list):  # OpenAI's content parts
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))  # pyright: ignore[reportUnknownMemberType]
-    return "" if content is None else str(content)
-
-
-def dialogue(received: Received) -> list[tuple[str, str]]:
-    """What one LLM request carried, without the system prompt: (role, text) in order."""
-    return [(str(m["role"]), _content(m.get("content"))) for m in received.messages if m["role"] != "system"]
-
-
 def answer(received: Received) -> Reply:
     """The fake LLM's reply, chosen by the caller's last words (or a tool result)."""
     last = received.messages[-1]
     if last["role"] == "tool":
         return Reply(tokens=["It", " is", " noon."])
-    said = _content(last.get("content"))
+    said = text_of(last.get("content"))
     if said == "What time is it?":
         return Reply(tool_call=("current_time", {"timezone": "UTC"}))
     if said == "Tell me a long story.":
@@ -67,27 +55,19 @@ def answer(received: Received) -> Reply:
 
 @pytest.fixture(scope="module")
 def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        fake.responder = answer
+    with FakeOpenAI(responder=answer) as fake:
         yield fake
 
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{(tmp_path_factory.mktemp('chat-store') / 'conversations.db').resolve()}"
+    return sqlite_url(tmp_path_factory.mktemp("chat-store"))
 
 
 @pytest.fixture(scope="module")
 def server(fake_llm: FakeOpenAI, store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     cwd = tmp_path_factory.mktemp("chat-server")
-    env = {
-        "LAYERCODE_WEBHOOK_SECRET": SECRET,
-        "AGENT_MODEL": "openai-chat:fake-model",
-        "OPENAI_BASE_URL": fake_llm.base_url,
-        "DATA_DIR": str(cwd / "data"),
-        "CONVERSATION_STORE": store_url,
-        "WELCOME_MESSAGE": WELCOME,
-    }
+    env = server_env(fake_llm, cwd / "data", secret=SECRET, welcome=WELCOME, store_url=store_url)
     with ServerProcess(env, cwd=cwd) as process:
         yield process
     assert "Traceback" not in process.log
@@ -164,42 +144,9 @@ def new_conversation() -> str:
 # --- What the server kept ---------------------------------------------------------------------------
 
 
-def stored(store_url: str, conversation_id: str) -> list[tuple[str | None, str | None, str, dict[str, Any]]]:
-    """(role, status, text, metadata) of every stored message of a conversation."""
-
-    async def load() -> list[tuple[str | None, str | None, str, dict[str, Any]]]:
-        async with open_store(store_url) as store:
-            conversation = await store.load(conversation_id)
-        assert conversation is not None, f"conversation {conversation_id} was never stored"
-        rows: list[tuple[str | None, str | None, str, dict[str, Any]]] = []
-        for message in conversation.messages:
-            meta = dict(message.metadata or {})
-            if isinstance(message, ModelRequest):
-                text = "".join(
-                    part.content
-                    for part in message.parts
-                    if isinstance(part, UserPromptPart) and isinstance(part.content, str)
-                )
-            else:
-                assert isinstance(message, ModelResponse)
-                text = "".join(part.content for part in message.parts if isinstance(part, TextPart))
-            rows.append((meta.get("role"), meta.get("status"), text, meta))
-        return rows
-
-    return asyncio.run(load())
-
-
-def session_events(store_url: str, conversation_id: str) -> list[SessionEventRecord]:
-    async def load() -> list[SessionEventRecord]:
-        async with open_store(store_url) as store:
-            return await store.session_events(conversation_id)
-
-    return asyncio.run(load())
-
-
 def transcript(store_url: str, conversation_id: str) -> list[tuple[str, str]]:
     """(role, text) of the transcript the one stored `session.end` carried, checking its timestamps."""
-    [event] = session_events(store_url, conversation_id)
+    [event] = asyncio.run(session_events(store_url, conversation_id))
     assert event.event_type == "session.end"
     entries: list[dict[str, Any]] = event.payload["transcript"]
     stamps = [entry["timestamp"] for entry in entries]
@@ -210,7 +157,7 @@ def transcript(store_url: str, conversation_id: str) -> list[tuple[str, str]]:
 
 def request_after(fake_llm: FakeOpenAI, said: str) -> Received:
     """The LLM request made for the caller's words `said`."""
-    [received] = [r for r in fake_llm.received if r.messages and _content(r.messages[-1].get("content")) == said]
+    [received] = [r for r in fake_llm.received if r.messages and text_of(r.messages[-1].get("content")) == said]
     return received
 
 
@@ -262,7 +209,7 @@ def test_welcome_reply_latency_tool_status_and_session_end(
         ("user", "What time is it?"),
         tool_turn,
     ]
-    rows = stored(store_url, conversation)
+    rows = asyncio.run(stored(store_url, conversation))
     assert [(role, status) for role, status, _, _ in rows if role == "assistant"] == [
         ("assistant", "completed"),  # The welcome.
         ("assistant", "completed"),
@@ -291,7 +238,7 @@ def test_typing_during_a_reply_barges_in_with_what_was_shown(
     assert heard.startswith("word0 word1 word2 word3 word4 word5")
     assert len(heard.split()) < len(LONG_STORY)
 
-    rows = stored(store_url, conversation)
+    rows = asyncio.run(stored(store_url, conversation))
     assert [(role, status, text) for role, status, text, _ in rows[1:]] == [
         ("user", None, "Tell me a long story."),
         ("assistant", "interrupted", heard),
@@ -335,7 +282,7 @@ def test_ctrl_c_stops_a_reply_then_ends_the_session_at_the_prompt(
 
     heard = interrupted_text(term.shown, "Ctrl-C")
     assert heard.startswith("word0 word1 word2 word3 word4 word5")
-    rows = stored(store_url, conversation)
+    rows = asyncio.run(stored(store_url, conversation))
     assert [(role, status, text) for role, status, text, _ in rows[1:]] == [
         ("user", None, "Tell me a long story."),
         ("assistant", "interrupted", heard),

@@ -12,20 +12,18 @@ import json
 import time
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import ExitStack, aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
 import pytest
-from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from layercode_agent.client import TurnResult, WebhookClient
 from layercode_agent.protocol import SSEParser
-from layercode_agent.stores import open_store
 
+from ..fakes.history import Row, dialogue, session_events, stored
 from ..fakes.openai_server import FakeOpenAI, Received, Reply
-from ..fakes.server_process import ServerProcess
+from ..fakes.server_process import ServerProcess, server_env, sqlite_url
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -40,59 +38,11 @@ def fake_llm() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def sqlite_url(tmp_path: Path) -> str:
-    """An absolute SQLite URL (`sqlite:////abs/path.db`), the same for every server of a test."""
-    return f"sqlite:///{(tmp_path / 'data' / 'conversations.db').resolve()}"
-
-
-def server_env(fake_llm: FakeOpenAI, tmp_path: Path, store_url: str) -> dict[str, str]:
-    return {
-        "LAYERCODE_WEBHOOK_SECRET": SECRET,
-        "AGENT_MODEL": "openai-chat:fake-model",
-        "OPENAI_BASE_URL": fake_llm.base_url,
-        "DATA_DIR": str(tmp_path / "data"),
-        "CONVERSATION_STORE": store_url,
-        "WELCOME_MESSAGE": "",
-    }
+def integrity_env(fake_llm: FakeOpenAI, tmp_path: Path, store_url: str) -> dict[str, str]:
+    return server_env(fake_llm, tmp_path / "data", secret=SECRET, welcome="", store_url=store_url)
 
 
 # --- The two views of a conversation ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    """One stored message, reduced to what a turn record promises."""
-
-    role: str | None
-    status: str | None
-    text: str
-    turn_id: str | None
-    meta: dict[str, Any]
-
-    @property
-    def brief(self) -> tuple[str | None, str | None, str, str | None]:
-        return (self.role, self.status, self.text, self.turn_id)
-
-
-async def stored(store_url: str, conversation_id: str) -> list[Row]:
-    """The conversation as the store holds it, read by a store of our own (as another worker would)."""
-    async with open_store(store_url) as store:
-        conversation = await store.load(conversation_id)
-    assert conversation is not None, f"conversation {conversation_id} was never stored"
-    rows: list[Row] = []
-    for message in conversation.messages:
-        meta = dict(message.metadata or {})
-        if isinstance(message, ModelRequest):
-            text = "".join(
-                part.content
-                for part in message.parts
-                if isinstance(part, UserPromptPart) and isinstance(part.content, str)
-            )
-        else:
-            assert isinstance(message, ModelResponse)
-            text = "".join(part.content for part in message.parts if isinstance(part, TextPart))
-        rows.append(Row(meta.get("role"), meta.get("status"), text, meta.get("turn_id"), meta))
-    return rows
 
 
 def briefs(rows: list[Row]) -> list[tuple[str | None, str | None, str, str | None]]:
@@ -105,23 +55,6 @@ def user(text: str, turn_id: str) -> tuple[str, None, str, str]:
 
 def assistant(status: str, text: str, turn_id: str) -> tuple[str, str, str, str]:
     return ("assistant", status, text, turn_id)
-
-
-def _content(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI's content parts
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))  # pyright: ignore[reportUnknownMemberType]
-    return "" if content is None else str(content)
-
-
-def dialogue(received: Received) -> list[tuple[str, str]]:
-    """What one LLM request carried, without the system prompt: (role, text) in order."""
-    return [
-        (str(message["role"]), _content(message.get("content")))
-        for message in received.messages
-        if message["role"] != "system"
-    ]
 
 
 def tts_text(events: list[dict[str, Any]]) -> str:
@@ -185,8 +118,8 @@ async def test_barge_in_then_interruption_context_keeps_what_the_caller_heard(
 ) -> None:
     story = [f" word{index}" for index in range(60)]
     fake_llm.script(Reply(tokens=story, token_delay=0.05), Reply(tokens=["Sure,", " go", " ahead."]))
-    store_url = sqlite_url(tmp_path)
-    with ServerProcess(server_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
+    store_url = sqlite_url(tmp_path / "data")
+    with ServerProcess(integrity_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
         async with WebhookClient(server.url, SECRET) as client:
             first = client.body("message", text="Tell me a long story.")
             streamed: list[str] = []
@@ -248,8 +181,8 @@ async def test_duplicate_deliveries_are_answered_from_the_first(tmp_path: Path, 
     quick = ["Hello", " there,", " friend."]
     slow = ["Slowly", *(f" slow{index}" for index in range(12))]
     fake_llm.script(Reply(tokens=quick), Reply(tokens=slow, token_delay=0.1))
-    store_url = sqlite_url(tmp_path)
-    with ServerProcess(server_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
+    store_url = sqlite_url(tmp_path / "data")
+    with ServerProcess(integrity_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
         async with httpx.AsyncClient(timeout=60) as http:
             # Sequential: the retry comes after the first answer ended.
             sequential = WebhookClient(server.url, SECRET, http=http)
@@ -303,8 +236,7 @@ async def test_duplicate_deliveries_are_answered_from_the_first(tmp_path: Path, 
 
     assert end_once.status_code == 200 and end_once.json() == {"status": "ok"}
     assert end_again.status_code == 200 and end_again.json() == {"status": "duplicate"}
-    async with open_store(store_url) as store:
-        events = await store.session_events(sequential.conversation_id)
+    events = await session_events(store_url, sequential.conversation_id)
     assert [event.event_type for event in events] == ["session.end"]
     assert events[0].payload["transcript"] == [{"role": "user", "text": "Hi!", "timestamp": 1}]
     assert_clean_log(log)
@@ -314,8 +246,8 @@ async def test_a_repeated_delivery_speaks_the_reply_as_cleaned_for_voice(tmp_pat
     # Models write markdown even when told not to; the caller must never hear "asterisk asterisk",
     # neither from the first delivery nor from the stored reply a repeated delivery is answered with.
     fake_llm.script(Reply(tokens=["**Hello**", " there,", " *friend*."]))
-    store_url = sqlite_url(tmp_path)
-    with ServerProcess(server_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
+    store_url = sqlite_url(tmp_path / "data")
+    with ServerProcess(integrity_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
         async with httpx.AsyncClient(timeout=60) as http:
             client = WebhookClient(server.url, SECRET, http=http)
             raw, headers = signed_delivery(client, client.body("message", text="Hi!"))
@@ -333,8 +265,8 @@ async def test_a_repeated_delivery_speaks_the_reply_as_cleaned_for_voice(tmp_pat
 async def test_latest_turn_wins_on_one_server(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     story = [f" story{index}" for index in range(60)]
     fake_llm.script(Reply(tokens=story, token_delay=0.1), Reply(tokens=["Okay,", " new", " topic."]))
-    store_url = sqlite_url(tmp_path)
-    with ServerProcess(server_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
+    store_url = sqlite_url(tmp_path / "data")
+    with ServerProcess(integrity_env(fake_llm, tmp_path, store_url), cwd=tmp_path) as server:
         async with WebhookClient(server.url, SECRET) as client:
             first = client.body("message", text="Tell me a story.")
             second = client.body("message", text="Actually, never mind.")
@@ -389,7 +321,7 @@ async def test_two_servers_sharing_redis_alternate_turns_without_losing_any(
     tmp_path: Path, fake_llm: FakeOpenAI, redis_url: str
 ) -> None:
     fake_llm.responder = answer_by_request
-    env = server_env(fake_llm, tmp_path, redis_url)
+    env = integrity_env(fake_llm, tmp_path, redis_url)
     conversation_id = "lc_conv_shared_redis"
     expected: list[tuple[str | None, str | None, str, str | None]] = []
     said: list[tuple[str, str]] = []
@@ -423,7 +355,7 @@ async def test_latest_turn_wins_across_servers_sharing_redis(
 ) -> None:
     story = [f" tale{index}" for index in range(100)]  # 10 s if nothing stops it
     fake_llm.script(Reply(tokens=story, token_delay=0.1), Reply(tokens=["Fine,", " your", " turn."]))
-    env = server_env(fake_llm, tmp_path, redis_url)
+    env = integrity_env(fake_llm, tmp_path, redis_url)
     conversation_id = "lc_conv_cross_server"
     with ServerProcess(env, cwd=tmp_path) as a, ServerProcess(env, cwd=tmp_path) as b:
         async with (
@@ -477,7 +409,7 @@ async def test_a_duplicate_delivered_to_the_other_server_mid_stream_is_answered_
     # A load balancer retrying a webhook on another server while the first one still streams it.
     slow = ["Here", *(f" bit{index}" for index in range(15))]
     fake_llm.script(Reply(tokens=slow, token_delay=0.1))
-    env = server_env(fake_llm, tmp_path, redis_url)
+    env = integrity_env(fake_llm, tmp_path, redis_url)
     with ServerProcess(env, cwd=tmp_path) as a, ServerProcess(env, cwd=tmp_path) as b:
         async with httpx.AsyncClient(timeout=60) as http:
             client = WebhookClient(a.url, SECRET, http=http)
@@ -512,9 +444,9 @@ async def test_two_workers_keep_fifty_concurrent_conversations_whole(
 ) -> None:
     conversations, turns = 50, 4
     fake_llm.responder = answer_by_request
-    store_url = sqlite_url(tmp_path) if backend == "sqlite" else str(request.getfixturevalue("redis_url"))
+    store_url = sqlite_url(tmp_path / "data") if backend == "sqlite" else str(request.getfixturevalue("redis_url"))
     started = time.monotonic()
-    with ServerProcess(server_env(fake_llm, tmp_path, store_url), cwd=tmp_path, args=("--workers", "2")) as server:
+    with ServerProcess(integrity_env(fake_llm, tmp_path, store_url), cwd=tmp_path, args=("--workers", "2")) as server:
         limits = httpx.Limits(max_connections=conversations * 2, max_keepalive_connections=conversations * 2)
         async with httpx.AsyncClient(timeout=120, limits=limits) as http:
 
@@ -564,8 +496,8 @@ async def test_sigkill_mid_stream_leaves_a_turn_the_next_server_closes(
 ) -> None:
     story = [f" part{index}" for index in range(100)]
     fake_llm.script(Reply(tokens=story, token_delay=0.1), Reply(tokens=["Yes,", " I", " am", " back."]))
-    store_url = sqlite_url(tmp_path)
-    env = server_env(fake_llm, tmp_path, store_url)
+    store_url = sqlite_url(tmp_path / "data")
+    env = integrity_env(fake_llm, tmp_path, store_url)
     conversation_id = "lc_conv_killed"
     with ExitStack() as servers:
         doomed = servers.enter_context(ServerProcess(env, cwd=tmp_path))

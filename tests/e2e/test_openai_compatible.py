@@ -12,7 +12,7 @@ import pytest
 from layercode_agent.client import WebhookClient
 
 from ..fakes.openai_server import FakeOpenAI, Reply
-from ..fakes.server_process import ServerProcess
+from ..fakes.server_process import ServerProcess, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -27,13 +27,7 @@ def fake_llm() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture
 def env(tmp_path: Path, fake_llm: FakeOpenAI) -> dict[str, str]:
-    return {
-        "LAYERCODE_WEBHOOK_SECRET": SECRET,
-        "AGENT_MODEL": "openai-chat:fake-model",
-        "OPENAI_BASE_URL": fake_llm.base_url,
-        "DATA_DIR": str(tmp_path / "data"),
-        "WELCOME_MESSAGE": "Hello from the test.",
-    }
+    return server_env(fake_llm, tmp_path / "data", secret=SECRET, welcome="Hello from the test.")
 
 
 async def test_first_tts_arrives_while_the_llm_is_still_generating(

@@ -21,13 +21,12 @@ from typing import Any
 import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
-from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from layercode_agent.protocol import SSEParser
-from layercode_agent.stores import open_store
 
-from ..fakes.openai_server import FakeOpenAI, Received, Reply
-from ..fakes.server_process import ServerProcess
+from ..fakes.history import Row, dialogue, session_events, stored
+from ..fakes.openai_server import FakeOpenAI, Reply
+from ..fakes.server_process import ServerProcess, server_env, sqlite_url
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -102,61 +101,17 @@ def fake_llm() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def server_env(fake_llm: FakeOpenAI, tmp_path: Path) -> tuple[dict[str, str], str]:
-    store_url = f"sqlite:///{(tmp_path / 'data' / 'conversations.db').resolve()}"
-    env = {
-        "PLAYGROUND": "true",
-        "LAYERCODE_WEBHOOK_SECRET": SECRET,
-        "AGENT_MODEL": "openai-chat:fake-model",
-        "OPENAI_BASE_URL": fake_llm.base_url,
-        "DATA_DIR": str(tmp_path / "data"),
-        "CONVERSATION_STORE": store_url,
-        "WELCOME_MESSAGE": WELCOME,
-    }
-    return env, store_url
+def playground_env(fake_llm: FakeOpenAI, tmp_path: Path) -> tuple[dict[str, str], str]:
+    store_url = sqlite_url(tmp_path / "data")
+    env = server_env(fake_llm, tmp_path / "data", secret=SECRET, welcome=WELCOME, store_url=store_url)
+    return {**env, "PLAYGROUND": "true"}, store_url
 
 
 # --- What the store holds and what the LLM was sent ----------------------------------------------------------
 
 
-async def stored(store_url: str, conversation_id: str) -> list[tuple[str | None, str | None, str, dict[str, Any]]]:
-    """(role, status, text, metadata) of every stored message, read as another worker would."""
-    async with open_store(store_url) as store:
-        conversation = await store.load(conversation_id)
-    assert conversation is not None, f"conversation {conversation_id} was never stored"
-    rows: list[tuple[str | None, str | None, str, dict[str, Any]]] = []
-    for message in conversation.messages:
-        meta = dict(message.metadata or {})
-        if isinstance(message, ModelRequest):
-            parts = [p.content for p in message.parts if isinstance(p, UserPromptPart) and isinstance(p.content, str)]
-        else:
-            assert isinstance(message, ModelResponse)
-            parts = [part.content for part in message.parts if isinstance(part, TextPart)]
-        rows.append((meta.get("role"), meta.get("status"), "".join(parts), meta))
-    return rows
-
-
-def turn_rows(
-    rows: list[tuple[str | None, str | None, str, dict[str, Any]]], turn_id: str
-) -> list[tuple[str | None, str | None, str]]:
+def turn_rows(rows: list[Row], turn_id: str) -> list[tuple[str | None, str | None, str]]:
     return [(role, status, text) for role, status, text, meta in rows if meta.get("turn_id") == turn_id]
-
-
-def _content(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI's content parts
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))  # pyright: ignore[reportUnknownMemberType]
-    return "" if content is None else str(content)
-
-
-def dialogue(received: Received) -> list[tuple[str, str]]:
-    """What one LLM request carried, without the system prompt and tool traffic: (role, text) in order."""
-    return [
-        (str(message["role"]), _content(message.get("content")))
-        for message in received.messages
-        if message["role"] in ("user", "assistant") and _content(message.get("content"))
-    ]
 
 
 async def wait_for_status(store_url: str, conversation_id: str, turn_id: str, status: str) -> None:
@@ -221,7 +176,7 @@ async def test_a_typed_conversation_with_barge_in_in_a_real_browser(tmp_path: Pa
         Reply(tokens=second_story, token_delay=0.15),
         Reply(tokens=["Okay,", " I", " will", " keep", " it", " short."]),
     )
-    env, store_url = server_env(fake_llm, tmp_path)
+    env, store_url = playground_env(fake_llm, tmp_path)
     ARTIFACTS.mkdir(exist_ok=True)
     with ServerProcess(env, cwd=tmp_path) as server:
         async with chromium() as browser:
@@ -328,18 +283,17 @@ async def test_a_typed_conversation_with_barge_in_in_a_real_browser(tmp_path: Pa
     assert ("assistant", "interrupted", heard_tips) in turn_rows(rows, tips_turn_id)
 
     # The LLM: each interrupted reply reaches the next request as heard, ending in the mark.
-    assert dialogue(fake_llm.received[4])[-2:] == [
+    assert dialogue(fake_llm.received[4], words_only=True)[-2:] == [
         ("assistant", f"{heard} {MARK}"),
         ("user", "Wait, can I ask something?"),
     ]
-    assert dialogue(fake_llm.received[6])[-2:] == [
+    assert dialogue(fake_llm.received[6], words_only=True)[-2:] == [
         ("assistant", f"{heard_tips} {MARK}"),
         ("user", "Sorry, keep it short."),
     ]
 
     # session.end carried the page's transcript in Layercode's shape.
-    async with open_store(store_url) as store:
-        events = await store.session_events(conversation_id)
+    events = await session_events(store_url, conversation_id)
     ends = [event for event in events if event.event_type == "session.end"]
     assert len(ends) == 1
     transcript = ends[0].payload["transcript"]
@@ -357,7 +311,7 @@ async def test_a_typed_conversation_with_barge_in_in_a_real_browser(tmp_path: Pa
 
 async def test_a_reload_continues_the_conversation_in_a_new_session(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
     fake_llm.script(Reply(tokens=["Nice", " to", " meet", " you,", " Ada."]), Reply(tokens=["You", " are", " Ada."]))
-    env, store_url = server_env(fake_llm, tmp_path)
+    env, store_url = playground_env(fake_llm, tmp_path)
     with ServerProcess(env, cwd=tmp_path) as server:
         async with chromium() as browser:
             context = await browser.new_context(viewport={"width": 900, "height": 700})
@@ -384,9 +338,8 @@ async def test_a_reload_continues_the_conversation_in_a_new_session(tmp_path: Pa
             await finished_reply(page, 0)
             assert await page.get_by_test_id("conversation-id").text_content() != conversation_id
 
-    assert ("user", "I am Ada.") in dialogue(fake_llm.received[1])
-    async with open_store(store_url) as store:
-        events = await store.session_events(conversation_id)
+    assert ("user", "I am Ada.") in dialogue(fake_llm.received[1], words_only=True)
+    events = await session_events(store_url, conversation_id)
     sessions = {event.payload["session_id"] for event in events if event.event_type == "session.end"}
     assert len(sessions) == 2, "the reload and the new conversation each ended a session"
 
@@ -395,7 +348,7 @@ async def test_aborting_the_playground_request_aborts_the_webhook(tmp_path: Path
     # No browser: what the page's AbortController does, with httpx closing the request mid-stream.
     story = [f" {word}" for word in STORY.split()]
     fake_llm.script(Reply(tokens=story, token_delay=0.1))
-    env, store_url = server_env(fake_llm, tmp_path)
+    env, store_url = playground_env(fake_llm, tmp_path)
     body = {
         "type": "message",
         "session_id": "sess_abort",

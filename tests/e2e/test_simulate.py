@@ -21,7 +21,7 @@ from layercode_agent.cli import main
 from layercode_agent.simulate import Scenario, ScenarioResult, load_scenarios, run_scenarios
 
 from ..fakes.openai_server import FakeOpenAI, Received, Reply
-from ..fakes.server_process import ServerProcess
+from ..fakes.server_process import ServerProcess, server_env, sqlite_url
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -55,22 +55,15 @@ def answer(received: Received) -> Reply:
 
 @pytest.fixture(scope="module")
 def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        fake.responder = answer
+    with FakeOpenAI(responder=answer) as fake:
         yield fake
 
 
 @pytest.fixture(scope="module")
 def server(fake_llm: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp_path = tmp_path_factory.mktemp("simulate")
-    env = {
-        "LAYERCODE_WEBHOOK_SECRET": SECRET,
-        "AGENT_MODEL": "openai-chat:fake-model",
-        "OPENAI_BASE_URL": fake_llm.base_url,
-        "DATA_DIR": str(tmp_path / "data"),
-        "CONVERSATION_STORE": f"sqlite:///{(tmp_path / 'data' / 'conversations.db').resolve()}",
-        "WELCOME_MESSAGE": WELCOME,
-    }
+    data_dir = tmp_path / "data"
+    env = server_env(fake_llm, data_dir, secret=SECRET, welcome=WELCOME, store_url=sqlite_url(data_dir))
     with ServerProcess(env, cwd=tmp_path) as process:
         yield process
     assert "Traceback" not in process.log

@@ -50,12 +50,12 @@ class Received:
 
 
 class FakeOpenAI:
-    """Run with `with FakeOpenAI() as fake:`; `fake.base_url` is the `OPENAI_BASE_URL`."""
+    """Run with `with FakeOpenAI() as fake:` or `FakeOpenAI(responder=...)`; `fake.base_url` is `OPENAI_BASE_URL`."""
 
-    def __init__(self) -> None:
+    def __init__(self, responder: Callable[[Received], Reply] | None = None) -> None:
         self.replies: list[Reply] = []
         self.default = Reply()
-        self.responder: Callable[[Received], Reply] | None = None
+        self.responder = responder
         """Answers requests nothing was scripted for, from what they carry; `default` when unset."""
         self.received: list[Received] = []
         self.port = free_port()

@@ -13,6 +13,28 @@ from pathlib import Path
 import httpx
 
 from .net import free_port
+from .openai_server import FakeOpenAI
+
+
+def sqlite_url(directory: Path) -> str:
+    """An absolute SQLite URL (`sqlite:////abs/path.db`) for `conversations.db` in `directory`."""
+    return f"sqlite:///{(directory / 'conversations.db').resolve()}"
+
+
+def server_env(
+    fake_llm: FakeOpenAI, data_dir: Path, *, secret: str, welcome: str, store_url: str | None = None
+) -> dict[str, str]:
+    """The environment of a server whose LLM is `fake_llm`; without `store_url`, the default store in `data_dir`."""
+    env = {
+        "LAYERCODE_WEBHOOK_SECRET": secret,
+        "AGENT_MODEL": "openai-chat:fake-model",
+        "OPENAI_BASE_URL": fake_llm.base_url,
+        "DATA_DIR": str(data_dir),
+        "WELCOME_MESSAGE": welcome,
+    }
+    if store_url is not None:
+        env["CONVERSATION_STORE"] = store_url
+    return env
 
 
 class ServerProcess:
