@@ -28,7 +28,7 @@ from layercode_agent.agent import build_agent
 from layercode_agent.history import turn_meta
 from layercode_agent.protocol import DataEvent, MessageEvent, OutboundEvent, SessionEndEvent, SessionStartEvent
 from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore
-from layercode_agent.turns import TurnRunner
+from layercode_agent.turns import TurnObserver, TurnReport, TurnRunner
 
 pytestmark = pytest.mark.anyio
 
@@ -541,3 +541,95 @@ async def test_a_copied_interruption_mark_is_neither_spoken_nor_stored(store: Ag
 
     assert spoken(events).strip() == "Rome, and the capital of"
     assert seen(await history(store))[-1] == ("assistant", "Rome, and the capital of")
+
+
+# --- Observing turns, and the filler for slow models ------------------------------------------------
+
+
+class Recorder(TurnObserver):
+    def __init__(self) -> None:
+        self.open = 0
+        self.reports: list[TurnReport] = []
+        self.operations: list[str] = []
+
+    def stream_opened(self) -> None:
+        self.open += 1
+
+    def stream_closed(self) -> None:
+        self.open -= 1
+
+    def turn_finished(self, report: TurnReport) -> None:
+        self.reports.append(report)
+
+    def store_operation(self, operation: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.operations.append(operation)
+
+
+async def test_a_turn_reports_its_stages_in_order_once(store: AgentStore) -> None:
+    recorder = Recorder()
+    runner = make_runner(store, Model(["Hello", " there."], delay=0.01).stream, observer=recorder)
+
+    await collect(runner.stream_message(message("hi", "t1")))
+    await settled(runner)
+
+    (report,) = recorder.reports
+    assert report.outcome == "completed" and report.turn_id == "t1" and report.llm_error is None
+    order = [
+        "history_loaded",
+        "llm_request",
+        "llm_first_token",
+        "first_tts",
+        "llm_last_token",
+        "history_saved",
+        "response_end",
+    ]
+    assert list(report.stages) == order
+    values = [report.stages[stage] for stage in order]
+    assert values == sorted(values)
+    assert recorder.open == 0
+    assert recorder.operations == ["begin", "close"]
+
+
+async def test_interrupted_and_failed_turns_are_reported_with_their_outcome(store: AgentStore) -> None:
+    recorder = Recorder()
+    model = Model([f" w{index}" for index in range(100)], delay=0.01)
+    runner = make_runner(store, model.stream, observer=recorder)
+    await read_then_hang_up(runner.stream_message(message("story", "t1")), 2)
+    await settled(runner)
+
+    async def broken(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        raise ConnectionError("LLM down")
+        yield ""
+
+    failing = make_runner(store, broken, observer=recorder)
+    await collect(failing.stream_message(message("hello?", "t2")))
+    await settled(failing)
+
+    assert [(report.outcome, report.llm_error) for report in recorder.reports] == [
+        ("interrupted", None),
+        ("failed", "ConnectionError"),
+    ]
+    assert "response_end" not in recorder.reports[0].stages
+    assert recorder.open == 0
+
+
+async def test_a_slow_model_gets_a_filler_that_is_stored_with_the_reply(store: AgentStore) -> None:
+    async def slow(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        await asyncio.sleep(0.3)
+        yield "Paris."
+
+    runner = make_runner(store, slow, filler_after_ms=50, slow_filler="Let me think.")
+    events = await collect(runner.stream_message(message("capital of France?", "t1")))
+
+    tts = [getattr(event, "content", "") for event in events if event.type == "response.tts"]
+    assert tts == ["Let me think. ", "Paris."]
+    assert seen(await history(store))[-1] == ("assistant", "Let me think. Paris.")
+
+
+async def test_a_prompt_model_gets_no_filler(store: AgentStore) -> None:
+    runner = make_runner(store, Model(["Paris."]).stream, filler_after_ms=200)
+
+    events = await collect(runner.stream_message(message("capital of France?", "t1")))
+
+    assert spoken(events) == "Paris."

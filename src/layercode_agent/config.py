@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     """`module:function` answering `data` webhooks (async, takes the `DataEvent`)."""
     llm_timeout: float = 30.0
     """Seconds a whole LLM turn may take before the caller hears an apology."""
+    filler_after_ms: float | None = Field(default=None, gt=0)
+    """Speak `filler_text` if the LLM has said nothing this many ms after the request; unset: never."""
+    filler_text: str = "Let me think."
+    """What a slow LLM's caller hears (stored as part of the reply)."""
 
     conversation_store: str | None = None
     data_dir: Path = Path("data")

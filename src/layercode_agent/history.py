@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -178,9 +179,23 @@ class Change(Generic[_T]):
 class History:
     """Atomic changes to the newest messages of a stored conversation."""
 
-    def __init__(self, store: AgentStore, *, attempts: int = 12) -> None:
+    def __init__(
+        self,
+        store: AgentStore,
+        *,
+        attempts: int = 12,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """Wrap a store.
+
+        Args:
+            store: The store.
+            attempts: Writes tried before giving up when other writers keep winning.
+            observe: Called with an operation name and its duration in seconds, for metrics.
+        """
         self.store = store
         self.attempts = attempts
+        self._observe = observe
 
     async def read(self, conversation_id: str) -> tuple[ConversationRecord | None, list[ConversationEntry]]:
         """The record and its history (empty when the conversation is new)."""
@@ -191,13 +206,18 @@ class History:
 
     async def messages(self, conversation_id: str) -> list[ModelMessage]:
         """The stored messages of a conversation."""
+        started = time.perf_counter()
         _, history = await self.read(conversation_id)
+        if self._observe is not None:
+            self._observe("read", time.perf_counter() - started)
         return [entry.message for entry in history]
 
     async def change(
         self,
         conversation_id: str,
         decide: Callable[[list[ModelMessage], ConversationRecord | None], Change[_T]],
+        *,
+        operation: str = "change",
     ) -> _T:
         """Read the log, let `decide` say what to change, write it with the revision check; retry on a conflict.
 
@@ -206,6 +226,18 @@ class History:
         Raises:
             StoreError: If the store fails, or other writers kept winning for every attempt.
         """
+        started = time.perf_counter()
+        try:
+            return await self._change(conversation_id, decide)
+        finally:
+            if self._observe is not None:
+                self._observe(operation, time.perf_counter() - started)
+
+    async def _change(
+        self,
+        conversation_id: str,
+        decide: Callable[[list[ModelMessage], ConversationRecord | None], Change[_T]],
+    ) -> _T:
         for attempt in range(self.attempts):
             try:
                 record, history = await self.read(conversation_id)

@@ -57,7 +57,15 @@ from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage
 
-from .agent import APOLOGY, INTERRUPTED_MARK, TOOL_FILLER, CallContext, VoiceTextCleaner, clean_text
+from .agent import (
+    APOLOGY,
+    INTERRUPTED_MARK,
+    SLOW_FILLER,
+    TOOL_FILLER,
+    CallContext,
+    VoiceTextCleaner,
+    clean_text,
+)
 from .history import (
     COMPLETED,
     FAILED,
@@ -88,7 +96,7 @@ from .protocol import (
 )
 from .stores import AgentStore, StoreError
 
-__all__ = ["DataHandler", "TurnRunner", "TurnTiming", "default_data_handler"]
+__all__ = ["DataHandler", "TurnObserver", "TurnReport", "TurnRunner", "TurnTiming", "default_data_handler"]
 
 logger = logging.getLogger("layercode_agent.turns")
 
@@ -111,14 +119,56 @@ async def default_data_handler(event: DataEvent) -> Any:
 
 @dataclass
 class TurnTiming:
-    """Milliseconds from the start of a turn to each stage, for the per-turn log line."""
+    """Milliseconds from the moment the webhook was received to each stage of its turn.
+
+    Stages, in the order they happen: `signature_verified`, `history_loaded` (the log read and the
+    caller's words stored), `llm_request`, `llm_first_token`, `first_tts` (the first `response.tts`
+    handed to the HTTP response), `llm_last_token`, `history_saved` (the reply stored),
+    `response_end` (`response.end` written). A turn cut short has only the stages it reached.
+    """
 
     started: float = field(default_factory=time.perf_counter)
+    """`time.perf_counter()` when the webhook arrived."""
+    wall: float = field(default_factory=time.time)
+    """The same moment as Unix time, for spans."""
     stages: dict[str, float] = field(default_factory=dict[str, float])
 
-    def mark(self, stage: str) -> None:
-        """Record a stage once (the first time it happens)."""
-        self.stages.setdefault(stage, round((time.perf_counter() - self.started) * 1000, 2))
+    def mark(self, stage: str, at: float | None = None) -> None:
+        """Record a stage once (the first time it happens), now or at the `perf_counter()` value `at`."""
+        if stage not in self.stages:
+            self.stages[stage] = round(((at if at is not None else time.perf_counter()) - self.started) * 1000, 3)
+
+
+@dataclass(frozen=True)
+class TurnReport:
+    """What happened in one turn, for metrics, traces and the per-turn log line."""
+
+    conversation_id: str
+    turn_id: str
+    outcome: str
+    """`completed`, `interrupted`, `failed` or `duplicate`."""
+    stages: dict[str, float]
+    """Milliseconds since the webhook arrived, per stage (see `TurnTiming`)."""
+    received_at: float
+    """Unix time the webhook arrived."""
+    llm_error: str | None = None
+    """The exception class when the model failed."""
+
+
+class TurnObserver:
+    """Hooks for metrics and tracing; the default does nothing. Every hook must be fast and never raise."""
+
+    def stream_opened(self) -> None:
+        """A turn's response started streaming."""
+
+    def stream_closed(self) -> None:
+        """A turn's response finished or was aborted."""
+
+    def turn_finished(self, report: TurnReport) -> None:
+        """A turn ended; called once per turn, after `response.end` was written if the caller was still there."""
+
+    def store_operation(self, operation: str, seconds: float) -> None:
+        """A store round of the turn record (`begin`, `close`, `read`) took `seconds`."""
 
 
 # --- What beginning a turn found ------------------------------------------------------------------
@@ -145,7 +195,10 @@ class _Busy:
 class _Turn:
     """A turn being answered: its task produces events, the HTTP response reads them."""
 
-    def __init__(self, conversation_id: str, turn_id: str) -> None:
+    def __init__(
+        self, runner: TurnRunner, conversation_id: str, turn_id: str, timing: TurnTiming | None = None
+    ) -> None:
+        self.runner = runner
         self.conversation_id = conversation_id
         self.turn_id = turn_id
         self.queue: asyncio.Queue[OutboundEvent | None] = asyncio.Queue()
@@ -157,7 +210,11 @@ class _Turn:
         self.cancellable = False
         """True only while the model runs: beginning and closing are never cut short."""
         self.outcome = COMPLETED
-        self.timing = TurnTiming()
+        self.llm_error: str | None = None
+        self.timing = timing or TurnTiming()
+        self.produced = False
+        self.streaming = False
+        self.reported = False
 
     def stop(self) -> None:
         """Stop the turn (caller gone, or a newer turn arrived); it closes with what was sent."""
@@ -167,15 +224,31 @@ class _Turn:
 
     async def events(self) -> AsyncGenerator[OutboundEvent]:
         """What to stream to Layercode, ending with `response.end`; stops the turn if the reader goes away."""
+        observer = self.runner.observer
+        self.streaming = True
+        observer.stream_opened()
         try:
             while (event := await self.queue.get()) is not None:
                 if isinstance(event, TTSResponse):
+                    if not self.sent:
+                        self.timing.mark("first_tts")
                     self.sent.append(event.content)
                 yield event
+            yield EndResponse(turn_id=self.turn_id)
+            self.timing.mark("response_end")
         except (asyncio.CancelledError, GeneratorExit):
             self.stop()
             raise
-        yield EndResponse(turn_id=self.turn_id)
+        finally:
+            self.streaming = False
+            observer.stream_closed()
+            self.maybe_report()
+
+    def maybe_report(self) -> None:
+        """Report the turn once both its task and its response (if one is streaming) are done."""
+        if self.produced and not self.streaming and not self.reported:
+            self.reported = True
+            self.runner.report(self)
 
 
 class TurnRunner:
@@ -197,6 +270,9 @@ class TurnRunner:
         handover_timeout: float = 3.0,
         poll_interval: float = 0.05,
         owner: str | None = None,
+        observer: TurnObserver | None = None,
+        filler_after_ms: float | None = None,
+        slow_filler: str = SLOW_FILLER,
     ) -> None:
         """Create the runner.
 
@@ -215,10 +291,13 @@ class TurnRunner:
                 streams in the same conversation before closing it itself.
             poll_interval: How often a worker checks the store for requests to cancel its turns.
             owner: This worker's name in the store; unique per process by default.
+            observer: Receives each turn's stages and outcome (metrics, traces).
+            filler_after_ms: Speak `slow_filler` if the model has said nothing this long after the
+                request was sent; `None` never does.
+            slow_filler: What to say while a slow model thinks; it is stored as part of the reply.
         """
         self.agent = agent
         self.store = store
-        self.history = History(store)
         self.model = model
         self.model_settings = model_settings
         self.welcome_message = welcome_message
@@ -230,6 +309,10 @@ class TurnRunner:
         self.handover_timeout = handover_timeout
         self.poll_interval = poll_interval
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.observer = observer or TurnObserver()
+        self.history = History(store, observe=self.observer.store_operation)
+        self.filler_after_ms = filler_after_ms
+        self.slow_filler = slow_filler
         self._active: dict[str, _Turn] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -238,14 +321,18 @@ class TurnRunner:
 
     # ------------------------------------------------------------------ message
 
-    def stream_message(self, event: MessageEvent, *, delivery: str | None = None) -> AsyncGenerator[OutboundEvent]:
+    def stream_message(
+        self, event: MessageEvent, *, delivery: str | None = None, timing: TurnTiming | None = None
+    ) -> AsyncGenerator[OutboundEvent]:
         """Answer a `message`: the reply's events as they come, ending with one `response.end`.
 
         Args:
             event: The webhook.
             delivery: A digest of the signed body, to recognise the same delivery without a `turn_id`.
+            timing: Started when the webhook arrived (with `signature_verified` marked), if the caller has one.
         """
-        turn = _Turn(event.conversation_key, event.turn_id or delivery or f"local-{secrets.token_hex(8)}")
+        turn_id = event.turn_id or delivery or f"local-{secrets.token_hex(8)}"
+        turn = _Turn(self, event.conversation_key, turn_id, timing)
         turn.task = self._spawn(self._run_turn(turn, event, delivery))
         return turn.events()
 
@@ -274,7 +361,7 @@ class TurnRunner:
                 turn.outcome = FAILED
                 put(TTSResponse(content=self.apology, turn_id=turn.turn_id))
                 return
-            timing.mark("history_saved")
+            timing.mark("history_loaded")
             if isinstance(began, _Duplicate):
                 turn.outcome = "duplicate"
                 # Stored as the model wrote it; spoken as the first delivery was, without markdown.
@@ -294,7 +381,7 @@ class TurnRunner:
                         turn.turn_id,
                         turn.conversation_id,
                     )
-            timing.mark("history_saved_reply")
+            timing.mark("history_saved")
         except Exception:
             logger.exception("turn %s of conversation %s failed", turn.turn_id, turn.conversation_id)
             turn.outcome = FAILED
@@ -304,14 +391,30 @@ class TurnRunner:
             turn.finished.set()
             if self._active.get(turn.conversation_id) is turn:
                 del self._active[turn.conversation_id]
-            timing.mark("end")
-            logger.info(
-                "turn %s conversation=%s turn=%s stages=%s",
-                turn.outcome,
-                turn.conversation_id,
-                turn.turn_id,
-                timing.stages,
-            )
+            turn.produced = True
+            turn.maybe_report()
+
+    def report(self, turn: _Turn) -> None:
+        """The per-turn log line, and the observer's report."""
+        report = TurnReport(
+            conversation_id=turn.conversation_id,
+            turn_id=turn.turn_id,
+            outcome=turn.outcome,
+            stages=dict(turn.timing.stages),
+            received_at=turn.timing.wall,
+            llm_error=turn.llm_error,
+        )
+        logger.info(
+            "turn %s conversation=%s turn=%s stages=%s",
+            report.outcome,
+            report.conversation_id,
+            report.turn_id,
+            report.stages,
+        )
+        try:
+            self.observer.turn_finished(report)
+        except Exception:
+            logger.exception("the turn observer failed")
 
     async def _answer(
         self, turn: _Turn, began: _Started, event: MessageEvent
@@ -346,6 +449,20 @@ class TurnRunner:
             conversation_id=turn.conversation_id,
         )
         turn.cancellable = True
+        filler: list[str] = []
+
+        def speak_filler() -> None:
+            # The model has been silent for `filler_after_ms`: say something rather than leave a silence.
+            if not produced and turn.cancellable:
+                filler.append(f"{self.slow_filler} ")
+                produced.append(filler[0])
+                put(TTSResponse(content=filler[0], turn_id=turn_id))
+
+        timer = (
+            asyncio.get_running_loop().call_later(self.filler_after_ms / 1000, speak_filler)
+            if self.filler_after_ms is not None and self.slow_filler
+            else None
+        )
         try:
             async for out in self._reply(conversation, event, turn, calls, finished_calls):
                 if isinstance(out, TTSResponse):
@@ -356,6 +473,8 @@ class TurnRunner:
                 else:
                     messages, usage = out
                     turn.cancellable = False
+                    if filler:  # The caller heard it: it belongs to the reply.
+                        messages[-1] = _with_filler(messages[-1], filler[0])
                     return messages, usage
             raise RuntimeError("the agent run ended without a result")
         except asyncio.CancelledError:
@@ -378,7 +497,11 @@ class TurnRunner:
             apology = (" " if produced else "") + self.apology
             put(TTSResponse(content=apology, turn_id=turn_id))
             turn.outcome = FAILED
+            turn.llm_error = type(exc).__name__
             return closing("".join(produced) + apology, FAILED), None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _reply(
         self,
@@ -392,7 +515,6 @@ class TurnRunner:
         turn_id = turn.turn_id
         timing = turn.timing
         cleaner = VoiceTextCleaner()
-        spoke = False
         spoke_since_request = False
         deps = CallContext(
             conversation_id=turn.conversation_id,
@@ -441,14 +563,11 @@ class TurnRunner:
                 elif isinstance(agent_event, AgentRunResultEvent):
                     if text := cleaner.flush():
                         yield TTSResponse(content=text, turn_id=turn_id)
-                    timing.mark("llm_done")
+                    timing.mark("llm_last_token")
                     result = agent_event.result
                     yield self._result_messages(result.new_messages(), turn_id), result.conversation.usage
                     return
                 if text:
-                    if not spoke:
-                        timing.mark("first_tts")
-                        spoke = True
                     spoke_since_request = True
                     yield TTSResponse(content=text, turn_id=turn_id)
 
@@ -511,7 +630,7 @@ class TurnRunner:
                         messages, record, turn.turn_id, delivery, new_messages, interruption, take_over
                     )
 
-                began = await self.history.change(conversation_id, decide)
+                began = await self.history.change(conversation_id, decide, operation="begin")
                 if isinstance(began, _Started):
                     if _is_placeholder(new_messages):
                         self._active[conversation_id] = turn
@@ -579,7 +698,7 @@ class TurnRunner:
                 return Change(False)
             return Change(True, keep=reply.index, add=[*closing, *messages[reply.index + 1 :]], usage=usage)
 
-        return await self.history.change(turn.conversation_id, decide)
+        return await self.history.change(turn.conversation_id, decide, operation="close")
 
     async def _stored_reply(self, conversation_id: str, turn_id: str) -> str:
         """The reply stored for a turn, once it is no longer streaming (a repeated delivery waits for it)."""
@@ -658,7 +777,7 @@ class TurnRunner:
                 parts=[TextPart(self.welcome_message)],
                 metadata=turn_meta(turn_id, "assistant", COMPLETED, kind="welcome"),
             )
-            turn = _Turn(event.conversation_key, turn_id)
+            turn = _Turn(self, event.conversation_key, turn_id)
             try:
                 await self._begin(turn, None, [welcome], None)
             except StoreError:
@@ -735,6 +854,18 @@ class _ConversationLock:
             del self._table[self._key]
         else:
             self._table[self._key] = (lock, users - 1)
+
+
+def _with_filler(message: ModelMessage, filler: str) -> ModelMessage:
+    """The reply with the filler spoken before it at the start of its text."""
+    if not isinstance(message, ModelResponse):
+        return message
+    parts = list(message.parts)
+    for index, part in enumerate(parts):
+        if isinstance(part, TextPart):
+            parts[index] = replace(part, content=filler + part.content)
+            return replace(message, parts=parts)
+    return replace(message, parts=[TextPart(filler.strip()), *parts])
 
 
 def _is_placeholder(messages: list[ModelMessage]) -> bool:

@@ -12,7 +12,14 @@ from ..utils import import_string
 from .cleaning import VoiceTextCleaner, clean_text
 from .deps import CallContext
 from .models import ModelChoice, ModelKeys, resolve_model
-from .prompts import APOLOGY, DEFAULT_SYSTEM_PROMPT, DEFAULT_WELCOME_MESSAGE, INTERRUPTED_MARK, TOOL_FILLER
+from .prompts import (
+    APOLOGY,
+    DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_WELCOME_MESSAGE,
+    INTERRUPTED_MARK,
+    SLOW_FILLER,
+    TOOL_FILLER,
+)
 from .tools import current_time
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_WELCOME_MESSAGE",
     "INTERRUPTED_MARK",
+    "SLOW_FILLER",
     "TOOL_FILLER",
     "AgentLoadError",
     "CallContext",

@@ -6,7 +6,14 @@ emoji; numbers, dates and units spelled out; one or two sentences unless asked f
 
 from __future__ import annotations
 
-__all__ = ["APOLOGY", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_WELCOME_MESSAGE", "INTERRUPTED_MARK", "TOOL_FILLER"]
+__all__ = [
+    "APOLOGY",
+    "DEFAULT_SYSTEM_PROMPT",
+    "DEFAULT_WELCOME_MESSAGE",
+    "INTERRUPTED_MARK",
+    "SLOW_FILLER",
+    "TOOL_FILLER",
+]
 
 DEFAULT_SYSTEM_PROMPT = """\
 You are a friendly voice assistant in a live phone conversation. Everything you write is read aloud \
@@ -26,6 +33,9 @@ DEFAULT_WELCOME_MESSAGE = "Hi there! How can I help you today?"
 
 APOLOGY = "Sorry, I'm having trouble answering right now. Could you say that again in a moment?"
 """Spoken when the LLM fails, times out or returns a malformed stream."""
+
+SLOW_FILLER = "Let me think."
+"""Spoken when the LLM has been silent for `FILLER_AFTER_MS` (off by default)."""
 
 TOOL_FILLER = "One moment while I check that."
 """Spoken while a tool runs, unless the tool names its own filler."""

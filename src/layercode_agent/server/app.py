@@ -97,6 +97,8 @@ def create_app(
             model_settings=choice.settings if choice is not None else None,
             welcome_message=welcome,
             llm_timeout=settings.llm_timeout,
+            filler_after_ms=settings.filler_after_ms,
+            slow_filler=settings.filler_text,
             data_handler=handler,
         )
         async with httpx.AsyncClient() as http:

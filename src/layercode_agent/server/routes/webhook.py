@@ -30,6 +30,7 @@ from ...protocol import (
     parse_event,
     verify,
 )
+from ...turns import TurnTiming
 from ..deps import RuntimeDep
 
 __all__ = ["router"]
@@ -54,15 +55,17 @@ def _stream(events: AsyncIterator[OutboundEvent]) -> EventSourceResponse:
 @router.post("/api/agent", response_model=None)
 async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     """Verify, parse and answer one Layercode webhook."""
+    timing = TurnTiming()  # Every stage of a turn is timed from here.
     body = await request.body()
     verify(body, request.headers.get(SIGNATURE_HEADER), runtime.secrets)
+    timing.mark("signature_verified")
     event = parse_event(body)
     # The same body delivered twice (a retry, or a replay within the signature's tolerance) has the
     # same digest: the runner answers it from the first delivery instead of acting again.
     delivery = hashlib.sha256(body).hexdigest()
     runner = runtime.runner
     if isinstance(event, MessageEvent):
-        return _stream(runner.stream_message(event, delivery=delivery))
+        return _stream(runner.stream_message(event, delivery=delivery, timing=timing))
     if isinstance(event, SessionStartEvent):
         return _stream(runner.stream_session_start(event))
     if isinstance(event, DataEvent):
