@@ -633,3 +633,19 @@ async def test_a_prompt_model_gets_no_filler(store: AgentStore) -> None:
     events = await collect(runner.stream_message(message("capital of France?", "t1")))
 
     assert spoken(events) == "Paris."
+
+
+async def test_words_that_queue_up_behind_a_slow_write_leave_together(store: AgentStore) -> None:
+    model = Model([f" w{index}" for index in range(20)], delay=0.002)
+    runner = make_runner(store, model.stream)
+    events = runner.stream_message(message("count", "t1"))
+
+    first = await anext(events)
+    await asyncio.sleep(0.3)  # As if writing the first chunk to a slow connection took this long.
+    rest = [event async for event in events]
+
+    assert first.type == "response.tts" and getattr(first, "content", "") == "w0"
+    tts = [getattr(event, "content", "") for event in rest if event.type == "response.tts"]
+    assert len(tts) < 5, "the queued words must leave in one write, not one each"
+    assert "".join(["w0", *tts]) == "w0" + "".join(f" w{index}" for index in range(1, 20))
+    assert rest[-1].type == "response.end"

@@ -29,15 +29,16 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_ai import AgentRunResultEvent
-from pydantic_ai.agent import AbstractAgent
+from pydantic_ai.agent import AbstractAgent, AgentRun
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.conversation_store import ConversationRecord
 from pydantic_ai.messages import (
+    AgentStreamEvent,
     FunctionToolCallEvent,
     FunctionToolResultEvent,
     ModelMessage,
@@ -227,8 +228,29 @@ class _Turn:
         observer = self.runner.observer
         self.streaming = True
         observer.stream_opened()
+        queue = self.queue
+        held: OutboundEvent | None = None
+        ended = False
         try:
-            while (event := await self.queue.get()) is not None:
+            while not ended:
+                event = held if held is not None else await queue.get()
+                held = None
+                if event is None:
+                    break
+                if isinstance(event, TTSResponse) and not queue.empty():
+                    # Words that queued up while the last chunk was being written leave together:
+                    # one write instead of several, and no word waits for another.
+                    content = event.content
+                    while not queue.empty():
+                        following = queue.get_nowait()
+                        if following is None:
+                            ended = True
+                            break
+                        if not isinstance(following, TTSResponse):
+                            held = following
+                            break
+                        content += following.content
+                    event = TTSResponse(content=content, turn_id=event.turn_id)
                 if isinstance(event, TTSResponse):
                     if not self.sent:
                         self.timing.mark("first_tts")
@@ -464,18 +486,20 @@ class TurnRunner:
             else None
         )
         try:
-            async for out in self._reply(conversation, event, turn, calls, finished_calls):
-                if isinstance(out, TTSResponse):
-                    produced.append(out.content)
-                    put(out)
-                elif isinstance(out, DataResponse):
-                    put(out)
-                else:
-                    messages, usage = out
-                    turn.cancellable = False
-                    if filler:  # The caller heard it: it belongs to the reply.
-                        messages[-1] = _with_filler(messages[-1], filler[0])
-                    return messages, usage
+            # Closed here, in this task: the run's context managers must exit in the context they entered.
+            async with aclosing(self._reply(conversation, event, turn, calls, finished_calls)) as replies:
+                async for out in replies:
+                    if isinstance(out, TTSResponse):
+                        produced.append(out.content)
+                        put(out)
+                    elif isinstance(out, DataResponse):
+                        put(out)
+                    else:
+                        messages, usage = out
+                        turn.cancellable = False
+                        if filler:  # The caller heard it: it belongs to the reply.
+                            messages[-1] = _with_filler(messages[-1], filler[0])
+                        return messages, usage
             raise RuntimeError("the agent run ended without a result")
         except asyncio.CancelledError:
             turn.cancellable = False
@@ -510,7 +534,7 @@ class TurnRunner:
         turn: _Turn,
         calls: dict[str, ToolCallPart],
         finished_calls: list[tuple[ToolCallPart, ToolReturnPart]],
-    ) -> AsyncIterator[TTSResponse | DataResponse | tuple[list[ModelMessage], RunUsage]]:
+    ) -> AsyncGenerator[TTSResponse | DataResponse | tuple[list[ModelMessage], RunUsage]]:
         """The agent's reply as events; the messages that close the turn and the new usage come last."""
         turn_id = turn.turn_id
         timing = turn.timing
@@ -524,15 +548,14 @@ class TurnRunner:
             to_phone_number=event.to_phone_number,
             metadata=event.all_metadata,
         )
-        async with self.agent.run_stream_events(
+        async with self.agent.iter(
             conversation=conversation,
             deps=deps,
             model=self.model,
             model_settings=self.model_settings,
             timeout=self.llm_timeout,
-        ) as events:
-            timing.mark("llm_request")
-            async for agent_event in events:
+        ) as run:
+            async for agent_event in self._run_events(run, timing):
                 text = ""
                 if isinstance(agent_event, PartDeltaEvent):
                     if isinstance(agent_event.delta, TextPartDelta):
@@ -560,16 +583,33 @@ class TurnRunner:
                         finished_calls.append((call, agent_event.part))
                     yield DataResponse(content={"tool": agent_event.part.tool_name, "status": "done"}, turn_id=turn_id)
                     continue
-                elif isinstance(agent_event, AgentRunResultEvent):
-                    if text := cleaner.flush():
-                        yield TTSResponse(content=text, turn_id=turn_id)
-                    timing.mark("llm_last_token")
-                    result = agent_event.result
-                    yield self._result_messages(result.new_messages(), turn_id), result.conversation.usage
-                    return
                 if text:
                     spoke_since_request = True
                     yield TTSResponse(content=text, turn_id=turn_id)
+            if text := cleaner.flush():
+                yield TTSResponse(content=text, turn_id=turn_id)
+            timing.mark("llm_last_token")
+            result = run.result
+            if result is None:
+                raise RuntimeError("the agent run ended without a result")
+            yield self._result_messages(result.new_messages(), turn_id), result.conversation.usage
+
+    async def _run_events(self, run: AgentRun[Any, Any], timing: TurnTiming) -> AsyncIterator[AgentStreamEvent]:
+        """The run's model and tool events, read in this task.
+
+        `agent.iter` with each node's own stream, rather than `run_stream_events`, which runs the
+        agent in a second task and hands every token across a memory stream.
+        """
+        async for node in run:
+            if self.agent.is_model_request_node(node):
+                async with node.stream(run.ctx) as stream:
+                    timing.mark("llm_request")
+                    async for event in stream:
+                        yield event
+            elif self.agent.is_call_tools_node(node):
+                async with node.stream(run.ctx) as stream:
+                    async for event in stream:
+                        yield event
 
     def _result_messages(self, messages: list[ModelMessage], turn_id: str) -> list[ModelMessage]:
         """The run's messages marked as this turn's: tool traffic, then the reply.
