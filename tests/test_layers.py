@@ -19,6 +19,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "stores": {"protocol", "agent", "turns", "server", "cli", "client", "config", "fastapi", "starlette"},
     "turns.py": {"server", "cli", "fastapi", "starlette"},
     "conversations.py": {"server", "cli", "turns", "fastapi", "starlette"},
+    # Metrics and spans sit beside the turn runner; the HTTP edge only mounts their exposition.
+    "observability.py": {"server", "cli", "fastapi", "starlette"},
     "cli": {"fastapi", "starlette"},
     # Scenarios speak to any backend over HTTP, as Layercode does: never through this server's internals.
     "simulate.py": {

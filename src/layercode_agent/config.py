@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, validation_alias=AliasChoices("WORKERS", "WEB_CONCURRENCY"))
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     logfire_token: SecretStr | None = None
+    metrics: bool = True
+    """Serve Prometheus metrics at `/metrics`; off, the route does not exist."""
+    otel_exporter_otlp_endpoint: str | None = None
+    """Base URL of an OTLP/HTTP collector for the turn spans (`/v1/traces` is appended)."""
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    """Full OTLP/HTTP traces URL; wins over `otel_exporter_otlp_endpoint`."""
+    otel_exporter_otlp_headers: SecretStr | None = None
+    """Headers for the collector (`key=value,...`), often an API key."""
+    otel_service_name: str | None = None
+    """`service.name` of the spans; `layercode-agent` by default."""
     admin_token: SecretStr | None = None
     """Bearer token for `/api/conversations`; unset, those routes do not exist."""
     playground: bool = False
@@ -84,6 +94,10 @@ class Settings(BaseSettings):
         "anthropic_api_key",
         "gemini_api_key",
         "logfire_token",
+        "otel_exporter_otlp_endpoint",
+        "otel_exporter_otlp_traces_endpoint",
+        "otel_exporter_otlp_headers",
+        "otel_service_name",
         "admin_token",
         "agent",
         "data_handler",
@@ -102,6 +116,12 @@ class Settings(BaseSettings):
     def _empty_is_off(cls, value: object) -> object:
         # `PLAYGROUND=` means off, like the other empty values, instead of failing bool parsing.
         return False if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _empty_is_on(cls, value: object) -> object:
+        # `METRICS=` means the default (on), like the other empty values.
+        return True if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -20,9 +22,11 @@ from uvicorn.config import LOGGING_CONFIG
 
 from ..config import Settings, resolve_webhook_secrets
 
-__all__ = ["log_config", "run_server"]
+__all__ = ["MULTIPROC_ENV", "log_config", "metrics_dir", "run_server"]
 
 FACTORY = "layercode_agent.server.app:create_app_from_env"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Where prometheus_client's workers keep their numbers; it reads it when first imported."""
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -53,11 +57,35 @@ def _check(settings: Settings, workers: int) -> tuple[str, str]:
     return model, url
 
 
+def metrics_dir(settings: Settings, *, port: int, workers: int, reload: bool) -> tuple[Path | None, bool]:
+    """Prepare `PROMETHEUS_MULTIPROC_DIR` for several workers; return it and whether it is this run's own.
+
+    A directory the user set is used as it is. Otherwise `--workers` above 1 gets a fresh, empty
+    `DATA_DIR/prometheus/PORT` (one per port, so two servers sharing a data folder never mix their
+    numbers). It is set in this process's environment before uvicorn spawns the workers, so each
+    worker's prometheus_client starts in multiprocess mode. One process needs none.
+    """
+    if not settings.metrics:
+        return None, False
+    if given := os.environ.get(MULTIPROC_ENV):
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        return path, False
+    if reload or workers <= 1:
+        return None, False
+    path = (settings.data_dir / "prometheus" / str(port)).resolve()
+    shutil.rmtree(path, ignore_errors=True)  # Numbers of an earlier run would add up with this one's.
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path, True
+
+
 def run_server(settings: Settings, *, host: str, port: int, workers: int, reload: bool, console: Console) -> None:
     """Validate, print the banner and serve until interrupted."""
     try:
         model, store_url = _check(settings, workers)
         secrets = resolve_webhook_secrets(settings)
+        metrics_path, own_metrics_path = metrics_dir(settings, port=port, workers=workers, reload=reload)
     except Exception as exc:
         console.print(f"[bold red]Cannot start:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -69,6 +97,11 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     table.add_row("webhook", f"POST {base}/api/agent")
     table.add_row("authorize", f"POST {base}/api/authorize")
     table.add_row("health", f"GET  {base}/health")
+    if not settings.metrics:
+        table.add_row("metrics", "off (METRICS=false)")
+    else:
+        across = "" if metrics_path is None else f" (sum of {workers} workers)" if workers > 1 else " (multiprocess)"
+        table.add_row("metrics", f"GET  {base}/metrics{across}")
     if settings.admin_token is not None:
         table.add_row("conversations", f"GET  {base}/api/conversations (Bearer ADMIN_TOKEN)")
     if settings.playground:
@@ -91,14 +124,18 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     # HOST), since that decides whether the playground may be mounted.
     os.environ["HOST"] = host
     logging.getLogger("layercode_agent").debug("starting uvicorn with factory %s", FACTORY)
-    uvicorn.run(
-        FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=None if reload else workers,
-        reload=reload,
-        log_config=log_config(settings.log_level),
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=None if reload else workers,
+            reload=reload,
+            log_config=log_config(settings.log_level),
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if own_metrics_path and metrics_path is not None:
+            shutil.rmtree(metrics_path, ignore_errors=True)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 from pydantic_ai.agent import AbstractAgent
 
 from ..agent import (
@@ -25,12 +27,14 @@ from ..agent import (
     resolve_model,
 )
 from ..config import MAX_BODY_BYTES, Settings, get_settings, resolve_webhook_secrets
+from ..observability import MetricsObserver, forget_process
 from ..stores import open_store
-from ..telemetry import configure_logfire
-from ..turns import DataHandler, TurnRunner, default_data_handler
+from ..telemetry import Tracing, configure_tracing
+from ..turns import DataHandler, TurnObserver, TurnRunner, default_data_handler
 from ..utils import import_string
 from .errors import install_error_handlers
 from .routes import authorize, conversations, health, playground, webhook
+from .routes.metrics import metrics_router
 from .runtime import Runtime
 
 __all__ = ["Runtime", "create_app", "create_app_from_env", "model_choice"]
@@ -66,6 +70,24 @@ def _agent_and_model(
     return agent, model_choice(settings)
 
 
+def _tracing(settings: Settings) -> Tracing | None:
+    return configure_tracing(
+        logfire_token=_secret(settings.logfire_token),
+        otlp_endpoint=settings.otel_exporter_otlp_endpoint,
+        otlp_traces_endpoint=settings.otel_exporter_otlp_traces_endpoint,
+        otlp_headers=_secret(settings.otel_exporter_otlp_headers),
+        service_name=settings.otel_service_name,
+    )
+
+
+def _observer(settings: Settings, tracing: Tracing | None) -> TurnObserver:
+    if not settings.metrics and tracing is None:
+        return TurnObserver()  # Nothing to record: not even the hooks do any work.
+    return MetricsObserver(
+        registry=REGISTRY if settings.metrics else None, tracer=tracing.tracer if tracing is not None else None
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -80,10 +102,14 @@ def create_app(
         handler = import_string(settings.data_handler)
     welcome = DEFAULT_WELCOME_MESSAGE if settings.welcome_message is None else settings.welcome_message
     model_name = choice.name if choice is not None else f"{agent.model} (from AGENT={settings.agent})"
+    # Set by `serve --workers N` (or by the user) before any worker imported prometheus_client.
+    multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
-        configure_logfire(_secret(settings.logfire_token))
+        tracing = _tracing(settings)
+        if tracing is not None:
+            logger.info("sending turn spans to %s", tracing.destination)
         store = open_store(settings.store_url)
         if choice is not None and choice.is_local:
             from ..agent.local import load_engine
@@ -100,6 +126,7 @@ def create_app(
             filler_after_ms=settings.filler_after_ms,
             slow_filler=settings.filler_text,
             data_handler=handler,
+            observer=_observer(settings, tracing),
         )
         async with httpx.AsyncClient() as http:
             app.state.runtime = Runtime(
@@ -117,6 +144,10 @@ def create_app(
             finally:
                 await runner.aclose()
                 await store.aclose()
+                if multiprocess_dir is not None and settings.metrics:
+                    forget_process(multiprocess_dir, os.getpid())  # This worker streams nothing any more.
+                if tracing is not None:
+                    await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="layercode-agent",
@@ -130,6 +161,8 @@ def create_app(
     app.include_router(webhook.router)
     app.include_router(authorize.router)
     app.include_router(health.router)
+    if settings.metrics:
+        app.include_router(metrics_router(multiprocess_dir))
     if settings.admin_token is not None:
         # Without a token there is no admin API at all (404), rather than one nobody can open.
         app.include_router(conversations.router)
