@@ -3,9 +3,10 @@
 
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 SERVE_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help uv install test-deps run server test testcov lint format typecheck check tunnel clean
+.PHONY: help uv install test-deps run server test testcov lint format typecheck check tunnel bench clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +50,12 @@ check: lint typecheck ## Lint + typecheck
 
 tunnel: install ## Expose the local server to Layercode's cloud (npx @layercode/cli tunnel; needs LAYERCODE_AGENT_ID)
 	$(UV) run --no-sync layercode-agent tunnel $(TUNNEL_ARGS)
+
+# The full latency bench of BENCHMARKS.md (about 10 minutes on 2 cores); figures also go to test-artifacts/.
+bench: install ## Latency bench: memory/SQLite/Redis at 1-100 conversations, --workers 2 (BENCH_ARGS="--levels 1,10")
+	@command -v redis-server >/dev/null 2>&1 || { echo "make bench needs redis-server: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis"; exit 1; }
+	@mkdir -p test-artifacts
+	$(UV) run --no-sync python -m bench --json test-artifacts/bench.json --markdown test-artifacts/bench.md $(BENCH_ARGS)
 
 clean: ## Remove caches (keeps data/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .coverage .coverage.* htmlcov dist build

@@ -1,0 +1,239 @@
+"""From raw timings to the figures the issue asks for: one `RunFigures` per run, medians per level.
+
+Overhead, per turn, in milliseconds (`time.monotonic()` in both processes, so the clocks agree):
+
+- `overhead` = first `response.tts` received - webhook sent - the fake's nominal time to first token (the issue's
+  definition: what the backend adds to the LLM's own 200 ms);
+- `llm_overhead` = first `response.tts` received - webhook sent - the fake's *actual* time to first token (first
+  token written - request's first byte received, as the fake recorded them). It removes the fake's own timer
+  lateness (about half a millisecond) and equals `to_llm` + `from_llm`:
+- `to_llm` = the LLM request's first byte received - webhook sent (signature, parsing, store reads and writes,
+  agent set-up, the OpenAI request);
+- `from_llm` = first `response.tts` received - first token written by the fake (the stream's way back out).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .load import Conversation
+
+__all__ = ["LevelResult", "RunFigures", "Suite", "percentile", "run_figures"]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The `q`-th percentile (0-100) with linear interpolation between closest ranks; `None` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class RunFigures:
+    """One measured run of one level."""
+
+    turns: int = 0
+    """Turns sent."""
+    errors: int = 0
+    """Turns without a complete, correct streamed answer (HTTP error, timeout, no response.end, wrong text)."""
+    defects: int = 0
+    """Conversations whose stored history is not exactly what was said and streamed."""
+    turns_per_s: float | None = None
+    overhead_p50: float | None = None
+    overhead_p90: float | None = None
+    overhead_p99: float | None = None
+    llm_overhead_p50: float | None = None
+    llm_overhead_p90: float | None = None
+    llm_overhead_p99: float | None = None
+    to_llm_p50: float | None = None
+    from_llm_p50: float | None = None
+    llm_lag_p99: float | None = None
+    """How late the fake's first tokens were against their nominal time (its own timer lateness), p99."""
+    turn_p50: float | None = None
+    """Webhook sent to `response.end` received."""
+    cpu_ms_per_turn: float | None = None
+    """Server CPU (every server process) over the run, divided by the turns sent."""
+    store_cpu_ms_per_turn: float | None = None
+    """redis-server's CPU per turn (Redis runs on the load generator's core); `None` for the other stores."""
+    rss_mib: float | None = None
+    """Peak resident memory of the server's processes so far (VmHWM, summed)."""
+    load_core_pct: float | None = None
+    """How busy the load generator's core(s) were: load generator + fake LLM (+ Redis) CPU / wall time."""
+    client_cpu_pct: float | None = None
+    fake_cpu_pct: float | None = None
+    other_cpu_pct: float | None = None
+    """CPU used by processes outside the bench during the run (% of one core): others' load disturbs the figures."""
+    wall_s: float | None = None
+    error_samples: list[str] = field(default_factory=list[str])
+    defect_samples: list[str] = field(default_factory=list[str])
+
+
+@dataclass
+class CPUWindow:
+    """CPU seconds used during a run, per party, and its wall-clock length."""
+
+    server: float
+    fake: float
+    client: float
+    store: float | None
+    machine: float
+    """Every process on the machine, the bench's own included."""
+    wall: float
+    load_cores: int
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def run_figures(
+    conversations: list[Conversation],
+    llm_timings: dict[str, tuple[float, float | None]],
+    *,
+    ttft_ms: float,
+    cpu: CPUWindow,
+    rss_mib: float,
+    defects: list[str],
+) -> RunFigures:
+    """The figures of one run.
+
+    Args:
+        conversations: What was sent and received.
+        llm_timings: The fake's `(request received, first token sent)` per request key.
+        ttft_ms: The fake's nominal time to first token.
+        cpu: CPU used during the run.
+        rss_mib: The server's peak RSS after the run.
+        defects: The history check's findings.
+    """
+    turns = [turn for conversation in conversations for turn in conversation.turns]
+    good = [turn for turn in turns if turn.error is None and turn.first_tts is not None and turn.ended is not None]
+    bad = [turn for turn in turns if not (turn.error is None and turn.first_tts is not None and turn.ended is not None)]
+    overhead: list[float] = []
+    llm_overhead: list[float] = []
+    to_llm: list[float] = []
+    from_llm: list[float] = []
+    lag: list[float] = []
+    turn_ms: list[float] = []
+    for turn in good:
+        assert turn.first_tts is not None and turn.ended is not None
+        first = _ms(turn.first_tts - turn.sent)
+        overhead.append(first - ttft_ms)
+        turn_ms.append(_ms(turn.ended - turn.sent))
+        received, first_token = llm_timings.get(turn.key, (None, None))
+        if received is not None and first_token is not None:
+            llm_overhead.append(first - _ms(first_token - received))
+            to_llm.append(_ms(received - turn.sent))
+            from_llm.append(_ms(turn.first_tts - first_token))
+            lag.append(_ms(first_token - received) - ttft_ms)
+    return RunFigures(
+        turns=len(turns),
+        errors=len(turns) - len(good),
+        defects=len(defects),
+        turns_per_s=_steady_rate(conversations),
+        overhead_p50=percentile(overhead, 50),
+        overhead_p90=percentile(overhead, 90),
+        overhead_p99=percentile(overhead, 99),
+        llm_overhead_p50=percentile(llm_overhead, 50),
+        llm_overhead_p90=percentile(llm_overhead, 90),
+        llm_overhead_p99=percentile(llm_overhead, 99),
+        to_llm_p50=percentile(to_llm, 50),
+        from_llm_p50=percentile(from_llm, 50),
+        llm_lag_p99=percentile(lag, 99),
+        turn_p50=percentile(turn_ms, 50),
+        cpu_ms_per_turn=_ms(cpu.server) / len(turns) if turns else None,
+        store_cpu_ms_per_turn=_ms(cpu.store) / len(turns) if turns and cpu.store is not None else None,
+        rss_mib=rss_mib,
+        load_core_pct=100 * (cpu.client + cpu.fake + (cpu.store or 0.0)) / cpu.wall / cpu.load_cores,
+        client_cpu_pct=100 * cpu.client / cpu.wall,
+        fake_cpu_pct=100 * cpu.fake / cpu.wall,
+        other_cpu_pct=max(
+            0.0, 100 * (cpu.machine - cpu.server - cpu.fake - cpu.client - (cpu.store or 0.0)) / cpu.wall
+        ),
+        wall_s=cpu.wall,
+        error_samples=[f"{turn.turn_id}: {turn.error or 'no response.tts'}" for turn in bad][:5],
+        defect_samples=defects[:5],
+    )
+
+
+def _steady_rate(conversations: list[Conversation]) -> float | None:
+    """Turns per second while every conversation was in flight.
+
+    The window runs from the last conversation's first webhook to the first conversation's last `response.end`,
+    so the ramp-up and the tail do not dilute the rate; it is the whole level when that window is too short.
+    """
+    started = [c.turns[0].sent for c in conversations if c.turns]
+    ended = [turn.ended for c in conversations for turn in c.turns if turn.ended is not None]
+    if not started or not ended:
+        return None
+    last_ends = [max((t.ended for t in c.turns if t.ended is not None), default=None) for c in conversations]
+    window_start = max(started)
+    window_end = min((end for end in last_ends if end is not None), default=window_start)
+    if window_end - window_start < 0.5:
+        window_start, window_end = min(started), max(ended)
+    inside = sum(1 for end in ended if window_start <= end <= window_end)
+    return inside / (window_end - window_start) if window_end > window_start else None
+
+
+@dataclass
+class LevelResult:
+    """Every run of one concurrency level, and their medians."""
+
+    concurrency: int
+    runs: list[RunFigures] = field(default_factory=list[RunFigures])
+
+    @property
+    def summary(self) -> RunFigures:
+        """Each figure's median over the runs; errors and defects are summed, samples concatenated."""
+        summary = RunFigures()
+        for spec in fields(RunFigures):
+            values = [getattr(run, spec.name) for run in self.runs]
+            if spec.name in ("turns", "errors", "defects"):
+                setattr(summary, spec.name, sum(values))
+            elif spec.name.endswith("_samples"):
+                setattr(summary, spec.name, [sample for value in values for sample in value][:5])
+            else:
+                present = [value for value in values if value is not None]
+                setattr(summary, spec.name, statistics.median(present) if present else None)
+        return summary
+
+
+@dataclass
+class Suite:
+    """One store under one server configuration: every level measured against one server."""
+
+    store: str
+    store_url: str
+    workers: int
+    pinning: str
+    levels: list[LevelResult] = field(default_factory=list[LevelResult])
+    notes: list[str] = field(default_factory=list[str])
+
+    @property
+    def title(self) -> str:
+        workers = "1 worker" if self.workers == 1 else f"{self.workers} workers"
+        return f"{self.store} ({workers})"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "store_url": self.store_url,
+            "workers": self.workers,
+            "pinning": self.pinning,
+            "notes": self.notes,
+            "levels": [
+                {
+                    "concurrency": level.concurrency,
+                    "median": asdict(level.summary),
+                    "runs": [asdict(r) for r in level.runs],
+                }
+                for level in self.levels
+            ],
+        }
