@@ -108,7 +108,7 @@ DELIVERY_TTL = 24 * 3600.0
 """How long a `data`, `session.end` or `session.update` delivery is remembered, to ignore a repeat."""
 CANCEL_TTL = 60.0
 """How long a request to cancel another worker's turn stays up."""
-HEARTBEAT_EVERY = 1.0
+HEARTBEAT_EVERY = 2.0
 HEARTBEAT_TTL = 5.0
 """A worker streaming a turn renews its heartbeat this often; without one for this long it is gone."""
 
