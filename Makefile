@@ -36,12 +36,12 @@ testcov: install test-deps ## Run every test with branch coverage
 	$(UV) run --no-sync coverage report
 
 lint: install ## Lint and check formatting
-	$(UV) run --no-sync ruff check src tests
-	$(UV) run --no-sync ruff format --check src tests
+	$(UV) run --no-sync ruff check src tests bench
+	$(UV) run --no-sync ruff format --check src tests bench
 
 format: install ## Format and autofix
-	$(UV) run --no-sync ruff format src tests
-	$(UV) run --no-sync ruff check --fix src tests
+	$(UV) run --no-sync ruff format src tests bench
+	$(UV) run --no-sync ruff check --fix src tests bench
 
 typecheck: install ## Type-check src and tests (pyright strict)
 	$(UV) run --no-sync pyright
