@@ -17,7 +17,6 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
-    TextPart,
     ToolCallPart,
     ToolReturnPart,
     UserPromptPart,
@@ -30,21 +29,11 @@ from layercode_agent.protocol import DataEvent, MessageEvent, OutboundEvent, Ses
 from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore
 from layercode_agent.turns import TurnObserver, TurnReport, TurnRunner
 
+from .fakes.history import said
+
 pytestmark = pytest.mark.anyio
 
 Stream = Callable[[list[ModelMessage], AgentInfo], AsyncIterator[str | DeltaToolCalls]]
-
-
-def seen(messages: list[ModelMessage]) -> list[tuple[str, str]]:
-    """(role, text) of every prompt and reply the model was sent or that a history holds."""
-    out: list[tuple[str, str]] = []
-    for message in messages:
-        for part in message.parts:
-            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
-                out.append(("user", part.content))
-            elif isinstance(part, TextPart):
-                out.append(("assistant", part.content))
-    return out
 
 
 def statuses(messages: list[ModelMessage]) -> list[tuple[str | None, str | None, str | None]]:
@@ -64,7 +53,7 @@ class Model:
         self.tokens_sent = 0
 
     async def stream(self, messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
-        self.calls.append(seen(messages))
+        self.calls.append(said(messages))
         tokens = self.replies.pop(0) if self.replies else ["Okay."]
         for token in tokens:
             if self.delay:
@@ -149,7 +138,7 @@ async def test_a_placeholder_is_stored_before_the_model_is_asked(store: AgentSto
 
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
         during.append(statuses(await history(store)))
-        assert seen(messages) == [("user", "hi")]  # The placeholder never reaches the model.
+        assert said(messages) == [("user", "hi")]  # The placeholder never reaches the model.
         yield "Hello."
 
     runner = make_runner(store, stream)
@@ -160,7 +149,7 @@ async def test_a_placeholder_is_stored_before_the_model_is_asked(store: AgentSto
     assert during == [[("t1", "user", None), ("t1", "assistant", "pending")]]
     stored = await history(store)
     assert statuses(stored) == [("t1", "user", None), ("t1", "assistant", "completed")]
-    assert seen(stored) == [("user", "hi"), ("assistant", "Hello.")]
+    assert said(stored) == [("user", "hi"), ("assistant", "Hello.")]
 
 
 async def test_a_barge_in_keeps_what_was_sent_and_the_next_turn_hears_what_the_caller_heard(
@@ -176,7 +165,7 @@ async def test_a_barge_in_keeps_what_was_sent_and_the_next_turn_hears_what_the_c
     assert model.tokens_sent < 30, "the model stream must be cancelled when the caller hangs up"
     stored = await history(store)
     assert statuses(stored)[-1] == ("t1", "assistant", "interrupted")
-    assert seen(stored)[-1][1].startswith(sent)  # What was sent, perhaps a token more in flight.
+    assert said(stored)[-1][1].startswith(sent)  # What was sent, perhaps a token more in flight.
 
     heard = {"previous_turn_interrupted": True, "words_heard": 2, "text_heard": "w0 w1", "assistant_turn_id": "t1"}
     events = await collect(runner.stream_message(message("wait, stop", "t2", interruption_context=heard)))
@@ -188,7 +177,7 @@ async def test_a_barge_in_keeps_what_was_sent_and_the_next_turn_hears_what_the_c
         ("user", "wait, stop"),
     ]
     stored = await history(store)
-    assert seen(stored) == [
+    assert said(stored) == [
         ("user", "tell me a story"),
         ("assistant", "w0 w1"),
         ("user", "wait, stop"),
@@ -319,7 +308,7 @@ async def test_a_repeated_delivery_gets_the_stored_reply_without_a_second_llm_ca
     assert len(model.calls) == 1
     assert spoken(first) == spoken(second) == "The answer."
     assert second[-1].type == "response.end"
-    assert seen(await history(store)) == [("user", "question"), ("assistant", "**The** answer.")]
+    assert said(await history(store)) == [("user", "question"), ("assistant", "**The** answer.")]
 
 
 async def test_a_repeat_while_the_first_delivery_streams_waits_for_its_reply(store: AgentStore) -> None:
@@ -333,7 +322,7 @@ async def test_a_repeat_while_the_first_delivery_streams_waits_for_its_reply(sto
 
     assert len(model.calls) == 1
     assert spoken(first) == spoken(second) == "One two three."
-    assert seen(await history(store)) == [("user", "count"), ("assistant", "One two three.")]
+    assert said(await history(store)) == [("user", "count"), ("assistant", "One two three.")]
 
 
 async def test_the_same_body_without_a_turn_id_is_recognised_by_its_digest(store: AgentStore) -> None:
@@ -355,7 +344,7 @@ async def test_a_repeated_welcome_is_spoken_but_stored_once(store: AgentStore) -
     second = await collect(runner.stream_session_start(start))
 
     assert spoken(first) == spoken(second) == "Welcome!"
-    assert seen(await history(store)) == [("assistant", "Welcome!")]
+    assert said(await history(store)) == [("assistant", "Welcome!")]
 
 
 async def test_a_repeated_data_delivery_runs_the_handler_once(store: AgentStore) -> None:
@@ -425,7 +414,7 @@ async def test_a_new_turn_stops_the_one_still_streaming_and_goes_after_it(store:
     stored = await history(store)
     assert [turn for turn, *_ in statuses(stored)] == ["t1", "t1", "t2", "t2"]
     assert statuses(stored)[1] == ("t1", "assistant", "interrupted")
-    assert seen(stored)[1][1] == spoken(first_events)
+    assert said(stored)[1][1] == spoken(first_events)
     assert model.calls[-1][:1] == [("user", "first")] and model.calls[-1][-1] == ("user", "second")
 
 
@@ -469,7 +458,7 @@ async def test_a_turn_on_another_worker_is_cancelled_and_closed_first(tmp_path: 
         ("t2", "user", None),
         ("t2", "assistant", "completed"),
     ]
-    assert seen(stored)[1][1] == spoken(first_events)
+    assert said(stored)[1][1] == spoken(first_events)
     heard = f"{spoken(first_events).rstrip()} [interrupted]"
     assert model_b.calls == [[("user", "first"), ("assistant", heard), ("user", "second")]]
 
@@ -503,7 +492,7 @@ async def test_a_turn_whose_worker_died_is_taken_over_at_once(tmp_path: Path) ->
         ("t2", "user", None),
         ("t2", "assistant", "completed"),
     ]
-    assert seen(stored)[1] == ("assistant", "Hel")
+    assert said(stored)[1] == ("assistant", "Hel")
 
 
 async def test_a_silent_worker_with_a_heartbeat_is_waited_for_then_taken_over(tmp_path: Path) -> None:
@@ -526,7 +515,7 @@ async def test_a_silent_worker_with_a_heartbeat_is_waited_for_then_taken_over(tm
     assert spoken(events) == "Here."
     assert asked == ["t1"], "the other worker was asked to cancel its turn"
     assert [status for *_, status in statuses(stored)] == [None, "lost", None, "completed"]
-    assert seen(stored) == [("user", "first"), ("user", "hello?"), ("assistant", "Here.")]
+    assert said(stored) == [("user", "first"), ("user", "hello?"), ("assistant", "Here.")]
 
 
 def _conversation(messages: list[ModelMessage]) -> Conversation:
@@ -540,7 +529,7 @@ async def test_a_copied_interruption_mark_is_neither_spoken_nor_stored(store: Ag
     events = await collect(runner.stream_message(message("capital of Italy?", "t1")))
 
     assert spoken(events).strip() == "Rome, and the capital of"
-    assert seen(await history(store))[-1] == ("assistant", "Rome, and the capital of")
+    assert said(await history(store))[-1] == ("assistant", "Rome, and the capital of")
 
 
 # --- Observing turns, and the filler for slow models ------------------------------------------------
@@ -624,7 +613,7 @@ async def test_a_slow_model_gets_a_filler_that_is_stored_with_the_reply(store: A
 
     tts = [getattr(event, "content", "") for event in events if event.type == "response.tts"]
     assert tts == ["Let me think. ", "Paris."]
-    assert seen(await history(store))[-1] == ("assistant", "Let me think. Paris.")
+    assert said(await history(store))[-1] == ("assistant", "Let me think. Paris.")
 
 
 async def test_a_prompt_model_gets_no_filler(store: AgentStore) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from layercode_agent.stores import SessionEventRecord, open_store
 
@@ -58,6 +58,18 @@ async def session_events(store_url: str, conversation_id: str) -> list[SessionEv
 
 
 # --- What the LLM was sent --------------------------------------------------------------------------
+
+
+def said(messages: list[ModelMessage]) -> list[tuple[str, str]]:
+    """(role, text) of every user prompt and assistant text in a history, or in what a model was sent."""
+    out: list[tuple[str, str]] = []
+    for message in messages:
+        for part in message.parts:
+            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                out.append(("user", part.content))
+            elif isinstance(part, TextPart):
+                out.append(("assistant", part.content))
+    return out
 
 
 def text_of(content: Any) -> str:

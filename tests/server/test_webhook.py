@@ -8,26 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls
 
 from layercode_agent.protocol import sign
 
+from ..fakes.history import said
 from .conftest import SECRET, AppFactory
 
 pytestmark = pytest.mark.anyio
-
-
-def texts(messages: list[ModelMessage]) -> list[tuple[str, str]]:
-    """(role, text) of every user prompt and assistant text in a history."""
-    out: list[tuple[str, str]] = []
-    for message in messages:
-        for part in message.parts:
-            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
-                out.append(("user", part.content))
-            elif isinstance(part, TextPart):
-                out.append(("assistant", part.content))
-    return out
 
 
 async def test_message_streams_tts_then_one_end(make_app: AppFactory) -> None:
@@ -51,7 +40,7 @@ async def test_history_is_kept_by_conversation_id_across_sessions(make_app: AppF
     seen: list[list[tuple[str, str]]] = []
 
     async def recorder(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
-        seen.append(texts(messages))
+        seen.append(said(messages))
         yield f"Reply {len(seen)}."
 
     async with make_app(recorder) as app:
@@ -67,7 +56,7 @@ async def test_history_is_kept_by_conversation_id_across_sessions(make_app: AppF
         ("user", "What is my name?"),
     ]
     assert stored is not None
-    assert texts(stored.messages)[-1] == ("assistant", "Reply 2.")
+    assert said(stored.messages)[-1] == ("assistant", "Reply 2.")
     last = stored.messages[-1]
     assert isinstance(last, ModelResponse)
     assert last.metadata is not None and last.metadata["status"] == "completed"
@@ -79,7 +68,7 @@ async def test_user_message_is_stored_before_the_reply_streams(make_app: AppFact
 
     async def check_store(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
         conversation = await holder["store"].load("conv_b")
-        stored_before_reply.append(texts(conversation.messages) if conversation else [])
+        stored_before_reply.append(said(conversation.messages) if conversation else [])
         yield "ok"
 
     async with make_app(check_store) as app:
@@ -105,7 +94,7 @@ async def test_session_start_speaks_the_welcome(make_app: AppFactory) -> None:
         {"type": "response.tts", "content": "Welcome aboard.", "turn_id": "welcome_1"},
         {"type": "response.end", "turn_id": "welcome_1"},
     ]
-    assert stored is not None and texts(stored.messages) == [("assistant", "Welcome aboard.")]
+    assert stored is not None and said(stored.messages) == [("assistant", "Welcome aboard.")]
 
 
 async def test_empty_welcome_is_a_silent_start(make_app: AppFactory) -> None:
