@@ -213,7 +213,6 @@ class _Turn:
         self.outcome = COMPLETED
         self.llm_error: str | None = None
         self.timing = timing or TurnTiming()
-        self.produced = False
         self.streaming = False
         self.reported = False
 
@@ -268,7 +267,7 @@ class _Turn:
 
     def maybe_report(self) -> None:
         """Report the turn once both its task and its response (if one is streaming) are done."""
-        if self.produced and not self.streaming and not self.reported:
+        if self.finished.is_set() and not self.streaming and not self.reported:
             self.reported = True
             self.runner.report(self)
 
@@ -413,7 +412,6 @@ class TurnRunner:
             turn.finished.set()
             if self._active.get(turn.conversation_id) is turn:
                 del self._active[turn.conversation_id]
-            turn.produced = True
             turn.maybe_report()
 
     def report(self, turn: _Turn) -> None:
