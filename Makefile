@@ -6,7 +6,7 @@ SERVE_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help uv install test-deps run server test testcov lint format typecheck check tunnel bench clean
+.PHONY: help uv install test-deps run server test testcov lint format typecheck check tunnel bench bench-layers clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,11 @@ bench: install ## Latency bench: memory/SQLite/Redis at 1-100 conversations, --w
 	@command -v redis-server >/dev/null 2>&1 || { echo "make bench needs redis-server: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis"; exit 1; }
 	@mkdir -p test-artifacts
 	$(UV) run --no-sync python -m bench --json test-artifacts/bench.json --markdown test-artifacts/bench.md $(BENCH_ARGS)
+
+# Where a turn's CPU goes, layer by layer (httpx, OpenAI SDK, pydantic-ai model and agent, the turn), about 3 minutes.
+bench-layers: install ## CPU per reply by layer of the stack (LAYERS_ARGS="--token-ms 0")
+	@mkdir -p test-artifacts
+	$(UV) run --no-sync python -m bench.layers --json test-artifacts/layers.json --markdown test-artifacts/layers.md $(LAYERS_ARGS)
 
 clean: ## Remove caches (keeps data/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .coverage .coverage.* htmlcov dist build

@@ -11,6 +11,7 @@ resident set, from `/proc/<pid>/status`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -22,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import httpx
+
+_T = TypeVar("_T")
 
 __all__ = [
     "REPO",
@@ -109,6 +112,15 @@ def available_cores() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
+
+
+def run_async(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Run `coroutine` on uvloop, the loop the server runs on, when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # uvicorn[standard] brings it on Linux and macOS; plain asyncio works too.
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 def pin_self(cores: list[int] | None) -> None:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +41,7 @@ from ._procs import (
     peak_rss_mib,
     pin_self,
     plan_pinning,
+    run_async,
 )
 from ._report import machine_info, machine_line, markdown_section, settings_line
 from ._tables import LEGEND, rich_scaling, rich_table
@@ -120,14 +121,6 @@ class _Parties:
     server: ServerProcess
     redis: RedisProcess | None
     pinning: Pinning
-
-
-def _run_async(coroutine: Coroutine[Any, Any, _T]) -> _T:
-    try:
-        import uvloop
-    except ImportError:  # uvicorn[standard] brings it on Linux and macOS; plain asyncio works too.
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 
 
 def _client_cpu() -> float:
@@ -289,7 +282,7 @@ def run_suite(args: argparse.Namespace, store: str, workers: int, levels: list[i
         if fake.loop != "uvloop":
             notes.append(f"the fake LLM runs on the {fake.loop} event loop (uvloop is not installed)")
         suite = Suite(store=store, store_url=store_url, workers=workers, pinning=where, notes=notes)
-        _run_async(_measure_suite(args, _Parties(fake, server, redis, pinning), suite, levels, console))
+        run_async(_measure_suite(args, _Parties(fake, server, redis, pinning), suite, levels, console))
     return suite
 
 

@@ -130,3 +130,32 @@ def test_bench_at_ci_size_reports_every_figure_and_loses_nothing(tmp_path: Path)
     assert "### memory (1 worker)" in section and "### sqlite (1 worker)" in section
     assert section.count("\n| 1 | ") == 2 and section.count("\n| 2 | ") == 2
     assert "overhead p50" in result.stdout
+
+
+@pytest.mark.slow
+def test_layers_bench_reports_every_layer_at_every_history(tmp_path: Path) -> None:
+    figures, markdown = tmp_path / "layers.json", tmp_path / "layers.md"
+    argv = [sys.executable, "-m", "bench.layers", "--tokens", "5", "--token-ms", "0", "--replies", "2", "--runs", "1"]
+    argv += ["--histories", "0,3", "--stream-history", "1", "--json", str(figures), "--markdown", str(markdown)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    document = json.loads(figures.read_text())
+    layers = ["httpx", "openai", "pydantic-ai model", "pydantic-ai agent", "turn (memory)", "turn (sqlite)"]
+    assert [figure["layer"] for figure in document["streaming"]] == layers
+    assert {figure["history"] for figure in document["streaming"]} == {1}
+    assert [(figure["layer"], figure["history"]) for figure in document["requests"]] == [
+        (layer, history) for history in (0, 3) for layer in layers
+    ]
+    for figure in document["streaming"] + document["requests"]:
+        assert 0 < figure["cpu_ms"] < 5_000 and figure["wall_ms"] > 0, figure
+    table = markdown.read_text()
+    assert "| turn (sqlite) |" in table and "history 3" in table
+    assert "CPU per reply" in result.stdout
+
+
+def test_layers_bench_refuses_bad_options() -> None:
+    argv = [sys.executable, "-m", "bench.layers", "--histories", "zero"]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--histories" in result.stderr
