@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic_ai.conversation import Conversation
@@ -22,7 +24,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.usage import RequestUsage, RunUsage
 
-from layercode_agent.stores import AgentStore, MemoryStore, RedisStore, SQLiteStore
+from layercode_agent.stores import AgentStore, MemoryStore, RedisStore, SQLiteStore, memory
 
 pytestmark = pytest.mark.anyio
 
@@ -380,3 +382,100 @@ async def test_replacing_with_a_stale_revision_conflicts_and_changes_nothing(sto
 
     loaded = await store.load("c1")
     assert loaded is not None and texts(loaded)[-1] == "in between"
+
+
+# --- Rate limits: a GCRA allowance per key ------------------------------------------------------------
+
+COUNT, PERIOD = 3, 0.6
+"""A burst of 3, then one request every 0.2 s: long enough for a noisy machine to keep up with."""
+
+INTERVAL = PERIOD / COUNT
+
+
+async def take(store: AgentStore, key: str = "authorize:ip:203.0.113.7") -> float:
+    return await store.take_allowance(key, count=COUNT, period=PERIOD)
+
+
+async def test_a_burst_of_count_requests_is_allowed_then_one_per_interval(store: AgentStore) -> None:
+    assert [await take(store) for _ in range(COUNT)] == [0.0] * COUNT
+
+    retry_after = await take(store)
+
+    # At most one interval (plus Redis rounding up to the microsecond), less whatever the burst took.
+    assert INTERVAL / 2 < retry_after <= INTERVAL + 1e-3
+
+
+async def test_after_waiting_the_retry_after_one_more_request_is_allowed(store: AgentStore) -> None:
+    for _ in range(COUNT):
+        await take(store)
+    retry_after = await take(store)
+    assert retry_after > 0
+
+    await asyncio.sleep(retry_after)
+
+    assert await take(store) == 0.0
+    assert await take(store) > 0  # Only one came back.
+
+
+async def test_keys_have_separate_allowances(store: AgentStore) -> None:
+    for _ in range(COUNT):
+        await take(store, "alice")
+    assert await take(store, "alice") > 0
+
+    assert [await take(store, "bob") for _ in range(COUNT)] == [0.0] * COUNT
+    assert await take(store, "bob") > 0
+
+
+async def test_a_refused_request_takes_nothing(store: AgentStore) -> None:
+    for _ in range(COUNT):
+        await take(store)
+    refusals = [await take(store) for _ in range(5)]
+    assert all(retry_after > 0 for retry_after in refusals)
+    # Counting them would have pushed each wait another interval further out.
+    assert all(later <= earlier + 1e-3 for earlier, later in itertools.pairwise(refusals))
+
+    await asyncio.sleep(refusals[-1])
+
+    assert await take(store) == 0.0
+
+
+async def test_concurrent_requests_get_exactly_the_burst(store: AgentStore) -> None:
+    results = await asyncio.gather(*(store.take_allowance("shared", count=5, period=60) for _ in range(20)))
+
+    assert results.count(0.0) == 5
+    assert all(retry_after > 0 for retry_after in results if retry_after != 0.0)
+
+
+@pytest.mark.parametrize(
+    ("count", "period", "message"),
+    [
+        (0, 1.0, r"count must be at least 1 \(got 0\)"),
+        (-1, 1.0, "count must be at least 1"),
+        (1, 0.0, r"period must be a positive, finite number of seconds \(got 0.0\)"),
+        (1, -1.0, "period must be a positive"),
+        (1, float("nan"), "period must be a positive"),
+        (1, float("inf"), "period must be a positive, finite"),
+    ],
+)
+async def test_an_allowance_needs_a_count_of_at_least_one_and_a_positive_period(
+    store: AgentStore, count: int, period: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        await store.take_allowance("k", count=count, period=period)
+
+
+async def test_the_in_process_store_sweeps_out_allowances_that_are_full_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The other backends leave this to Redis expiry, or to the sweep of expired markers SQLite does on every write.
+    clock = 1000.0
+    monkeypatch.setattr(memory, "time", SimpleNamespace(monotonic=lambda: clock))
+    store = MemoryStore()
+    for index in range(2000):  # The first sweep, at 1024, finds none full again: the next waits for 2048.
+        await store.take_allowance(f"client-{index}", count=1, period=1)
+    assert len(store._allowances) == 2000
+
+    clock += 2
+    for index in range(100):  # The 48th brings it to 2048: every `client-` allowance is full again by now.
+        await store.take_allowance(f"later-{index}", count=1, period=60)
+
+    assert len(store._allowances) == 100
+    assert await store.take_allowance("later-0", count=1, period=60) > 0  # Live allowances are kept.

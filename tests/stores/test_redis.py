@@ -18,6 +18,7 @@ from layercode_agent.stores import RedisStore, StoreError, StoreUnavailableError
 
 from ..fakes.net import free_port
 from ..fakes.redis_server import RedisServer
+from .sharing import assert_one_allowance
 
 pytestmark = pytest.mark.anyio
 
@@ -282,6 +283,44 @@ async def test_marker_keys_cannot_collide(store: RedisStore) -> None:
     assert await store.get_markers([("a:b", "c"), ("a", "b:c")]) == ["first", "second"]
 
 
+# --- Rate limits -----------------------------------------------------------------------------------------
+
+
+async def test_two_stores_on_one_server_share_an_allowance_and_another_prefix_does_not(redis_url: str) -> None:
+    async with RedisStore(redis_url) as first, RedisStore(redis_url) as second:
+        assert first._client is not second._client  # Two connection pools, as two processes would have.
+        await assert_one_allowance(first, second)
+
+        async with RedisStore(redis_url, prefix=f"{first.prefix}other:") as other:
+            assert [await other.take_allowance("k", count=3, period=60) for _ in range(3)] == [0.0] * 3
+
+
+async def test_an_allowance_key_expires_once_it_is_full_again(store: RedisStore, raw: Redis) -> None:
+    key = f"{store.prefix}rate:authorize:ip:203.0.113.7"
+    await store.take_allowance("authorize:ip:203.0.113.7", count=3, period=0.6)
+    assert await keys(raw, store.prefix) == {key}
+    assert 100 < await pttl(raw, key) <= 200  # One interval: the allowance is full again then.
+
+    for _ in range(2):
+        await store.take_allowance("authorize:ip:203.0.113.7", count=3, period=0.6)
+    assert 500 < await pttl(raw, key) <= 600
+    stored = await raw.get(key)
+    assert await store.take_allowance("authorize:ip:203.0.113.7", count=3, period=0.6) > 0
+    assert await raw.get(key) == stored  # A refusal writes nothing.
+
+    await asyncio.sleep(0.65)
+
+    assert await keys(raw, store.prefix) == set()
+
+
+async def test_an_allowance_uses_the_redis_clock(store: RedisStore, raw: Redis) -> None:
+    seconds, microseconds = await raw.time()
+    await store.take_allowance("k", count=1, period=10)
+
+    tat = float(await cast("Awaitable[str]", raw.get(f"{store.prefix}rate:k")))
+    assert 10 <= tat / 1_000_000 - (seconds + microseconds / 1_000_000) < 11
+
+
 # --- Outages ---------------------------------------------------------------------------------------------
 
 
@@ -295,6 +334,14 @@ async def test_a_refused_connection_is_unavailable_quickly_and_hides_the_passwor
     message = str(raised.value)
     assert f"127.0.0.1:{port}/3" in message
     assert "hunter2" not in message
+
+
+async def test_a_refused_connection_makes_an_allowance_unavailable_without_the_password() -> None:
+    port = free_port()  # Nothing listens there.
+    async with RedisStore(f"redis://agent:hunter2@127.0.0.1:{port}/3") as store:
+        with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{port}/3") as raised:
+            await store.take_allowance("k", count=1, period=60)
+    assert "hunter2" not in str(raised.value)
 
 
 async def test_a_restarted_server_is_unavailable_while_down_then_works_again() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import random
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from layercode_agent.stores import (
     open_store,
 )
 from layercode_agent.stores.sqlite import SCHEMA_VERSION
+
+from .sharing import assert_one_allowance
 
 pytestmark = pytest.mark.anyio
 
@@ -351,3 +354,48 @@ async def test_open_store_rejects_what_it_cannot_open(url: str, message: str) ->
     with pytest.raises(StoreError, match=message) as raised:
         open_store(url)
     assert "hunter2" not in str(raised.value)
+
+
+# --- Rate limits ------------------------------------------------------------------------------------------
+
+
+def rate_rows(path: Path) -> list[tuple[str, str, float]]:
+    connection = sqlite3.connect(path)
+    try:
+        rows = connection.execute("SELECT conversation_id, name, expires_at FROM markers WHERE name LIKE 'rate:%'")
+        return [(str(conversation_id), str(name), float(expires_at)) for conversation_id, name, expires_at in rows]
+    finally:
+        connection.close()
+
+
+async def test_two_stores_on_one_file_share_an_allowance(db_path: Path) -> None:
+    async with SQLiteStore(db_path) as first, SQLiteStore(db_path) as second:
+        await assert_one_allowance(first, second)
+
+
+async def test_an_allowance_is_a_marker_row_swept_once_it_is_full_again(store: SQLiteStore, db_path: Path) -> None:
+    before = time.time()
+    await store.take_allowance("a", count=2, period=0.2)
+
+    ((conversation_id, name, expires_at),) = rate_rows(db_path)
+    assert (conversation_id, name) == ("", "rate:a")
+    assert before + 0.1 <= expires_at <= time.time() + 0.1  # The theoretical arrival time: one interval on.
+
+    await asyncio.sleep(0.15)
+    await store.take_allowance("b", count=2, period=0.2)
+
+    assert [name for _, name, _ in rate_rows(db_path)] == ["rate:b"]
+
+
+async def test_a_held_write_lock_makes_an_allowance_unavailable(db_path: Path) -> None:
+    async with SQLiteStore(db_path, busy_timeout_ms=20) as store:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailableError, match="locked"):
+                await store.take_allowance("k", count=1, period=60)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+        assert await store.take_allowance("k", count=1, period=60) == 0.0  # Nothing was taken while locked.

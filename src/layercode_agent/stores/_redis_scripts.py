@@ -19,6 +19,8 @@ part of every key family differs and a conversation key's last segment never con
 - `P conversation:<id>:markers` sorted set: marker name -> expiry (ms); expires with its last marker.
 - `P marker:<len(id)>:<id>:<name>` string with its own expiry (length-prefixed: names hold any character).
 - `P index` and `P index:<scope>` sorted sets: conversation id -> `updated` (µs), to list by recency.
+- `P rate:<key>` string: a rate limit's GCRA theoretical arrival time (µs on the Redis clock), expiring
+  when that time passes, since an allowance whose time has passed is full again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "READ_HISTORY",
     "READ_RECORDS",
     "SET_MARKER",
+    "TAKE_ALLOWANCE",
     "WRITE_RECORD",
 ]
 
@@ -256,6 +259,23 @@ redis.call('PEXPIREAT', KEYS[2], string.format('%.0f', tonumber(last[2]) + 1))
 return false
 """
 """SET (NX) PX, returning the live value instead when only-if-absent finds one; index the name until it expires."""
+
+TAKE_ALLOWANCE = """#!lua
+-- KEYS: allowance.  ARGV: interval, period (both µs).  Returns 0 if allowed, else the µs to wait (at least 1).
+local interval, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- Redis's clock, not the callers': servers whose clocks disagree still share one allowance.
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat + interval - period
+-- Rounded up: Redis truncates numbers a script returns, and a caller waiting that long must then be let in.
+if now < allow_at then return math.max(1, math.ceil(allow_at - now)) end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+return 0
+"""
+"""GCRA on the Redis clock: count the request and move the theoretical arrival time on, or return the wait."""
 
 READ_HISTORY = (
     "#!lua flags=no-writes\n"

@@ -22,6 +22,7 @@ saving the same conversation, and the caller reloads and retries.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
@@ -125,6 +126,39 @@ class AgentStore(ConversationStore, ABC):
     @abstractmethod
     async def delete_marker(self, conversation_id: str, name: str) -> None:
         """Delete a marker; nothing happens if there is none."""
+
+    # --- Rate limits ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def take_allowance(self, key: str, *, count: int, period: float) -> float:
+        """Take one request from `key`'s allowance of `count` requests per `period` seconds, atomically.
+
+        A generic cell rate algorithm (GCRA): a client may burst up to `count` requests, then one every
+        `period / count` seconds. Every process sharing the store shares each key's allowance; the
+        clock is the store's own where it has one (Redis), so servers with skewed clocks agree.
+
+        Args:
+            key: Whose allowance (say `"authorize:ip:203.0.113.7"`); any string.
+            count: Requests allowed per period (the burst); at least 1.
+            period: Seconds; positive and finite.
+
+        Returns:
+            `0.0` if the request is allowed (and was counted); otherwise the seconds until the next
+            one would be, and nothing was counted.
+
+        Raises:
+            ValueError: If `count` is below 1 or `period` is not a positive, finite number.
+        """
+
+    @staticmethod
+    def _allowance_interval(count: int, period: float) -> float:
+        """Check `take_allowance`'s arguments and return GCRA's interval: seconds between requests after the burst."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1 (got {count!r})")
+        # `not >` also refuses NaN; an infinite period would make the interval infinite and the expiry meaningless.
+        if not (period > 0 and math.isfinite(period)):
+            raise ValueError(f"period must be a positive, finite number of seconds (got {period!r})")
+        return period / count
 
     # --- Replacing the newest messages --------------------------------------------------------------
 

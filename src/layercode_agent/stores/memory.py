@@ -18,6 +18,10 @@ from .base import AgentStore, SessionEventRecord
 
 __all__ = ["MemoryStore"]
 
+_PRUNE_FLOOR = 1024
+"""How many rate-limit keys the store holds before it first sweeps out those full again; later sweeps wait for twice
+what the last one left."""
+
 
 class MemoryStore(InMemoryConversationStore, AgentStore):
     """Keeps conversations and their session events in this process's memory.
@@ -31,6 +35,11 @@ class MemoryStore(InMemoryConversationStore, AgentStore):
         self._session_events: dict[str, list[SessionEventRecord]] = {}
         # (conversation_id, name) -> (value, monotonic expiry)
         self._markers: dict[tuple[str, str], tuple[str, float]] = {}
+        # Rate-limit key -> GCRA theoretical arrival time (TAT), monotonic. A TAT in the past means the
+        # same as no entry, so a sweep drops those; sweeping whenever the dict has doubled since the last
+        # one keeps the cost amortised constant and the size under twice the live keys (or the floor).
+        self._allowances: dict[str, float] = {}
+        self._prune_at = _PRUNE_FLOOR
 
     @property
     def description(self) -> str:
@@ -91,6 +100,20 @@ class MemoryStore(InMemoryConversationStore, AgentStore):
     async def delete_marker(self, conversation_id: str, name: str) -> None:
         """Delete a marker if there is one."""
         self._markers.pop((conversation_id, name), None)
+
+    async def take_allowance(self, key: str, *, count: int, period: float) -> float:
+        """Take one request from `key`'s allowance, GCRA on this process's monotonic clock."""
+        interval = self._allowance_interval(count, period)
+        now = time.monotonic()
+        tat = max(self._allowances.get(key, now), now)
+        allow_at = tat + interval - period
+        if now < allow_at:
+            return allow_at - now
+        self._allowances[key] = tat + interval
+        if len(self._allowances) >= self._prune_at:
+            self._allowances = {name: held for name, held in self._allowances.items() if held > now}
+            self._prune_at = max(_PRUNE_FLOOR, 2 * len(self._allowances))
+        return 0.0
 
     def _live(self, key: tuple[str, str]) -> str | None:
         marker = self._markers.get(key)

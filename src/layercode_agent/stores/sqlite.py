@@ -363,6 +363,18 @@ class SQLiteStore(AgentStore):
         """Delete a marker if there is one."""
         await self._run(partial(_delete_marker, key=(conversation_id, name)))
 
+    # --- Rate limits ------------------------------------------------------------------------------
+
+    async def take_allowance(self, key: str, *, count: int, period: float) -> float:
+        """Take one request from `key`'s allowance in one write transaction, so every process on the file shares it.
+
+        The allowance is the marker `("", "rate:<key>")`, whose expiry is the GCRA theoretical arrival
+        time: once that has passed the allowance is full again and the row is swept like any expired
+        marker. The clock is this host's wall clock, which the processes sharing the file share.
+        """
+        interval = self._allowance_interval(count, period)
+        return await self._run(partial(_take_allowance, name=f"rate:{key}", interval=interval, period=period))
+
     # --- Plumbing ---------------------------------------------------------------------------------
 
     async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -626,3 +638,22 @@ def _get_markers(connection: sqlite3.Connection, *, keys: list[tuple[str, str]])
 
 def _delete_marker(connection: sqlite3.Connection, *, key: tuple[str, str]) -> None:
     connection.execute("DELETE FROM markers WHERE conversation_id = ? AND name = ?", key)
+
+
+def _take_allowance(connection: sqlite3.Connection, *, name: str, interval: float, period: float) -> float:
+    with _transaction(connection):
+        # Read under the write lock: a wait for another process's transaction must not leave `now` stale.
+        now = time.time()
+        connection.execute("DELETE FROM markers WHERE expires_at <= ?", (now,))
+        row = connection.execute("SELECT expires_at FROM markers WHERE conversation_id = '' AND name = ?", (name,))
+        stored = row.fetchone()
+        tat = max(float(stored[0]), now) if stored is not None else now
+        allow_at = tat + interval - period
+        if now < allow_at:
+            return allow_at - now  # Refused: the allowance is left as it was (the sweep still commits).
+        connection.execute(
+            "INSERT INTO markers (conversation_id, name, value, expires_at) VALUES ('', ?, '', ?) "
+            "ON CONFLICT (conversation_id, name) DO UPDATE SET expires_at = excluded.expires_at",
+            (name, tat + interval),
+        )
+    return 0.0
