@@ -226,6 +226,10 @@ def parse_event(raw: bytes | str) -> InboundEvent:
         raise MalformedPayloadError(
             f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except RecursionError as exc:  # Arrays or objects nested deeper than the decoder can follow.
+        raise MalformedPayloadError("body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # An integer too long to convert (over 4300 digits).
+        raise MalformedPayloadError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         kind = "null" if body is None else _JSON_TYPE_NAMES.get(type(body), type(body).__name__)
         raise MalformedPayloadError(f"body must be a JSON object, got {kind}")

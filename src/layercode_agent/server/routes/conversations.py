@@ -49,7 +49,11 @@ def _not_found(conversation_id: str) -> JSONResponse:
     return JSONResponse({"error": "conversation not found", "conversation_id": conversation_id}, status_code=404)
 
 
-@router.get("")
+@router.get(
+    "",
+    summary="List stored conversations, most recently saved first",
+    responses={401: {"description": "The `Authorization: Bearer <ADMIN_TOKEN>` header is missing or wrong"}},
+)
 async def list_conversations(
     runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50
 ) -> list[history.ConversationSummary]:
@@ -57,14 +61,32 @@ async def list_conversations(
     return await history.list_conversations(runtime.store, limit)
 
 
-@router.get("/{conversation_id}", response_model=None)
+@router.get(
+    "/{conversation_id}",
+    response_model=None,
+    summary="Read one conversation turn by turn",
+    responses={
+        200: {"model": history.ConversationDetail},
+        401: {"description": "The `Authorization: Bearer <ADMIN_TOKEN>` header is missing or wrong"},
+        404: {"description": "Nothing is stored for this conversation"},
+    },
+)
 async def get_conversation(conversation_id: str, runtime: RuntimeDep) -> history.ConversationDetail | JSONResponse:
     """A conversation turn by turn, with its usage and session events; 404 if nothing is stored for it."""
     detail = await history.get_conversation(runtime.store, conversation_id)
     return detail if detail is not None else _not_found(conversation_id)
 
 
-@router.delete("/{conversation_id}", status_code=204, response_model=None)
+@router.delete(
+    "/{conversation_id}",
+    status_code=204,
+    response_model=None,
+    summary="Delete a conversation and its session events",
+    responses={
+        401: {"description": "The `Authorization: Bearer <ADMIN_TOKEN>` header is missing or wrong"},
+        404: {"description": "Nothing is stored for this conversation"},
+    },
+)
 async def delete_conversation(conversation_id: str, runtime: RuntimeDep) -> Response:
     """Delete a conversation with its session events: 204, or 404 if nothing was stored for it."""
     if not await history.delete_conversation(runtime.store, conversation_id):

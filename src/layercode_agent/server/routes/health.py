@@ -7,7 +7,7 @@ from fastapi import APIRouter
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", summary="Liveness")
 async def get_health() -> dict[str, str]:
     """Always `{"status": "ok"}` while the process serves requests."""
     return {"status": "ok"}

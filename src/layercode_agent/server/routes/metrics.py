@@ -21,7 +21,13 @@ def metrics_router(multiprocess_dir: str | None) -> APIRouter:
     """The `/metrics` route, reading every worker's numbers from `multiprocess_dir` when one is given."""
     router = APIRouter()
 
-    @router.get(METRICS_PATH)
+    @router.get(
+        METRICS_PATH,
+        summary="Prometheus metrics",
+        responses={
+            200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        },
+    )
     async def get_metrics() -> Response:
         """Every metric of this server, in Prometheus text format."""
         body, content_type = exposition(multiprocess_dir=multiprocess_dir)
