@@ -12,9 +12,10 @@ from layercode_agent.config import Settings, resolve_webhook_secrets
 
 def test_comma_separated_secrets_are_all_accepted(tmp_path: Path) -> None:
     secrets = resolve_webhook_secrets(Settings(layercode_webhook_secret=SecretStr("old, new ,"), data_dir=tmp_path))
-    assert secrets.values == ["old", "new"]
+    assert [value.get_secret_value() for value in secrets.values] == ["old", "new"]
     assert secrets.source == "LAYERCODE_WEBHOOK_SECRET"
     assert "old" not in repr(secrets)
+    assert "old" not in str(secrets)
 
 
 def test_development_secret_is_created_once_privately(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,7 +24,7 @@ def test_development_secret_is_created_once_privately(tmp_path: Path, monkeypatc
     first = resolve_webhook_secrets(settings)
     second = resolve_webhook_secrets(settings)
     path = tmp_path / "data" / "dev-webhook-secret"
-    assert first.values == second.values and len(first.values[0]) > 32
+    assert first.values == second.values and len(first.values[0].get_secret_value()) > 32
     assert first.source.startswith("development secret generated")
     assert second.source.startswith("development secret in")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from .protocol import SIGNATURE_HEADER, SSEParser, sign
 
@@ -84,7 +85,7 @@ class WebhookClient:
     def __init__(
         self,
         url: str,
-        secret: str,
+        secret: str | SecretStr,
         *,
         conversation_id: str | None = None,
         session_id: str | None = None,
@@ -92,7 +93,8 @@ class WebhookClient:
         timeout: float = 60.0,
     ) -> None:
         self.url = url
-        self.secret = secret
+        # Kept wrapped, so a repr or a traceback of the client never shows it; `sign` unwraps it.
+        self.secret = secret if isinstance(secret, SecretStr) else SecretStr(secret)
         self.conversation_id = conversation_id or f"lc_conv_{uuid.uuid4().hex[:16]}"
         self.session_id = session_id or f"lc_conn_{uuid.uuid4().hex[:16]}"
         self._http = http or httpx.AsyncClient(timeout=timeout)

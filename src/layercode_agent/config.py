@@ -9,16 +9,56 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEV_SECRET_FILE", "MAX_BODY_BYTES", "Settings", "WebhookSecrets", "get_settings", "resolve_webhook_secrets"]
+__all__ = [
+    "DEV_SECRET_FILE",
+    "MAX_BODY_BYTES",
+    "RateLimit",
+    "Settings",
+    "WebhookSecrets",
+    "get_settings",
+    "resolve_webhook_secrets",
+]
 
 MAX_BODY_BYTES = 1024 * 1024
-"""Largest webhook or authorize body accepted (1 MiB); larger ones get 413."""
+"""Largest webhook or authorize body accepted by default (1 MiB); larger ones get 413."""
+
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `count` requests per `period` seconds for one client (a burst of `count`, then evenly spread)."""
+
+    count: int
+    period: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit | None:
+        """`"10/minute"` (or `second`, `hour`, `day`) into a limit; `"off"` into `None`.
+
+        Raises:
+            ValueError: anything else, saying what is expected.
+        """
+        value = text.strip().lower()
+        if value in ("off", "none", "0"):
+            return None
+        count, _, unit = value.partition("/")
+        unit = unit.strip().removesuffix("s") if unit.strip() != "s" else "second"
+        if not count.strip().isdigit() or int(count) < 1 or unit not in _PERIODS:
+            raise ValueError(f"expected 'N/second', 'N/minute', 'N/hour', 'N/day' or 'off', got {text!r}")
+        return cls(int(count), _PERIODS[unit])
+
+    def __str__(self) -> str:
+        unit = next(name for name, seconds in _PERIODS.items() if seconds == self.period)
+        return f"{self.count}/{unit}"
+
 
 DEV_SECRET_FILE = "dev-webhook-secret"
 """Name of the development webhook secret kept in the data folder when none is configured."""
@@ -35,6 +75,26 @@ class Settings(BaseSettings):
     layercode_agent_id: str | None = None
     layercode_api_url: str = "https://api.layercode.com"
     authorize_timeout: float = 10.0
+    authorize_token: SecretStr | None = None
+    """Bearer token callers of `/api/authorize` must send (your web app's backend, say)."""
+    authorize_hook: str | None = None
+    """`module:function` deciding who may get a session: async, given the request, returns the metadata to
+    attach (user id, tenant) or `None` to refuse. Wins over `authorize_token`."""
+    authorize_rate_limit: str = "10/minute"
+    """Sessions one client (its IP, or the identity the hook returned) may mint: `N/second|minute|hour|day` or `off`."""
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=list[str])
+    """Origins (comma-separated) whose pages may call `/api/authorize` from the browser; none by default."""
+    cors_allow_credentials: bool = False
+    """Let those pages send cookies with the call (an `AUTHORIZE_HOOK` reading a session cookie); never with `*`."""
+
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024)
+    """Largest request body accepted (webhook, authorize, admin); larger ones get 413 before being read."""
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    """Largest request head (request line and headers) accepted; larger ones get 431."""
+    request_read_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a client may take to send a request's head, and again its body; slower ones get 408."""
+    max_streams_per_conversation: int = Field(default=4, ge=1)
+    """Reply streams one conversation may hold open at once on a worker; more get 429."""
 
     agent_model: str = "auto"
     agent: str | None = None
@@ -48,7 +108,8 @@ class Settings(BaseSettings):
     filler_text: str = "Let me think."
     """What a slow LLM's caller hears (stored as part of the reply)."""
 
-    conversation_store: str | None = None
+    conversation_store: str | None = Field(default=None, repr=False)
+    """May carry a password (`redis://:password@host`): never shown in a repr."""
     data_dir: Path = Path("data")
 
     system_prompt: str | None = None
@@ -99,6 +160,9 @@ class Settings(BaseSettings):
         "otel_exporter_otlp_headers",
         "otel_service_name",
         "admin_token",
+        "authorize_token",
+        "authorize_hook",
+        "filler_after_ms",
         "agent",
         "data_handler",
         "conversation_store",
@@ -123,6 +187,40 @@ class Settings(BaseSettings):
         # `METRICS=` means the default (on), like the other empty values.
         return True if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip().rstrip("/") for part in value.split(",")]
+        if isinstance(value, list):
+            return [str(part).strip().rstrip("/") for part in value if str(part).strip()]  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+        return value
+
+    @field_validator("authorize_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        RateLimit.parse(value)
+        return value
+
+    @field_validator("cors_allow_credentials", mode="before")
+    @classmethod
+    def _empty_is_false(cls, value: object) -> object:
+        return False if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> Settings:
+        if self.cors_allow_credentials and "*" in self.cors_allow_origins:
+            raise ValueError(
+                "CORS_ALLOW_CREDENTIALS=true with CORS_ALLOW_ORIGINS=*: any site could call /api/authorize with "
+                "your users' cookies; list the origins instead"
+            )
+        return self
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        """`authorize_rate_limit` parsed; `None` when off."""
+        return RateLimit.parse(self.authorize_rate_limit)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: object) -> object:
@@ -143,9 +241,12 @@ class Settings(BaseSettings):
 
 
 class WebhookSecrets:
-    """The secrets webhooks are verified with, and where they came from (for the banner, never the values)."""
+    """The secrets webhooks are verified with, and where they came from (for the banner, never the values).
 
-    def __init__(self, values: list[str], source: str) -> None:
+    The values are `SecretStr`, unwrapped only where the HMAC is computed (`protocol.signature`).
+    """
+
+    def __init__(self, values: list[SecretStr], source: str) -> None:
         self.values = values
         self.source = source
 
@@ -161,13 +262,12 @@ def resolve_webhook_secrets(settings: Settings, *, create: bool = True) -> Webho
     and local tools read it from there, so a newcomer can talk to the server without configuring anything.
     """
     if settings.layercode_webhook_secret is not None:
-        values = [part.strip() for part in settings.layercode_webhook_secret.get_secret_value().split(",")]
-        values = [value for value in values if value]
-        if values:
+        parts = [part.strip() for part in settings.layercode_webhook_secret.get_secret_value().split(",")]
+        if values := [SecretStr(part) for part in parts if part]:
             return WebhookSecrets(values, "LAYERCODE_WEBHOOK_SECRET")
     path = settings.data_dir / DEV_SECRET_FILE
     if path.exists():
-        return WebhookSecrets([path.read_text(encoding="utf-8").strip()], f"development secret in {path}")
+        return WebhookSecrets([_read_secret(path)], f"development secret in {path}")
     if not create:
         return WebhookSecrets([], "none configured")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,10 +281,14 @@ def resolve_webhook_secrets(settings: Settings, *, create: bool = True) -> Webho
     try:
         os.link(temporary, path)
     except FileExistsError:
-        return WebhookSecrets([path.read_text(encoding="utf-8").strip()], f"development secret in {path}")
+        return WebhookSecrets([_read_secret(path)], f"development secret in {path}")
     finally:
         temporary.unlink(missing_ok=True)
-    return WebhookSecrets([value], f"development secret generated in {path}")
+    return WebhookSecrets([SecretStr(value)], f"development secret generated in {path}")
+
+
+def _read_secret(path: Path) -> SecretStr:
+    return SecretStr(path.read_text(encoding="utf-8").strip())
 
 
 def get_settings() -> Settings:

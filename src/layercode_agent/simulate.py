@@ -47,6 +47,7 @@ from pydantic import (
     Discriminator,
     Field,
     PrivateAttr,
+    SecretStr,
     Tag,
     ValidationError,
     field_validator,
@@ -422,7 +423,7 @@ async def run_scenarios(
     scenarios: Sequence[Scenario],
     *,
     url: str,
-    secret: str,
+    secret: str | SecretStr,
     concurrency: int = 4,
     request_timeout: float = 60.0,
     on_result: Callable[[ScenarioResult], None] | None = None,
@@ -454,7 +455,9 @@ async def run_scenarios(
         return list(await asyncio.gather(*(one(scenario) for scenario in scenarios)))
 
 
-async def run_scenario(scenario: Scenario, *, url: str, secret: str, http: httpx.AsyncClient) -> ScenarioResult:
+async def run_scenario(
+    scenario: Scenario, *, url: str, secret: str | SecretStr, http: httpx.AsyncClient
+) -> ScenarioResult:
     """Play one scenario as one conversation; a failed request ends it (the remaining steps do not run)."""
     client = WebhookClient(url, secret, conversation_id=scenario.conversation_id, http=http)
     plan: list[tuple[int, Welcome | SayStep | DataStep | EndStep]] = []

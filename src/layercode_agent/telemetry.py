@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.trace import Tracer, get_tracer
+from pydantic import SecretStr
 
 __all__ = ["DEFAULT_SERVICE_NAME", "Tracing", "configure_logfire", "configure_tracing", "traces_url"]
 
@@ -31,9 +32,28 @@ DEFAULT_SERVICE_NAME = "layercode-agent"
 """`service.name` of the spans when `OTEL_SERVICE_NAME` is not set."""
 TRACER_NAME = "layercode_agent"
 
+_HEADER_PARSER_LOGGER = "opentelemetry.util.re"
+"""Where OpenTelemetry warns about a malformed `OTEL_EXPORTER_OTLP_HEADERS` part, quoting it (often a bearer token)."""
 
-def configure_logfire(token: str | None, service_name: str | None = None) -> bool:
+
+class _HideArguments(logging.Filter):
+    """Keep a warning's template but replace its arguments, which may quote a credential."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple("<not shown: it may hold a credential>" for _ in record.args)
+        return True
+
+
+def _hide_header_warnings() -> None:
+    parser_logger = logging.getLogger(_HEADER_PARSER_LOGGER)
+    if not any(isinstance(existing, _HideArguments) for existing in parser_logger.filters):
+        parser_logger.addFilter(_HideArguments())
+
+
+def configure_logfire(token: str | SecretStr | None, service_name: str | None = None) -> bool:
     """Send pydantic-ai spans to Logfire when a token is given; return whether tracing is on."""
+    token = _reveal(token)
     if not token:
         return False
     try:
@@ -69,13 +89,15 @@ def traces_url(endpoint: str | None, traces_endpoint: str | None) -> str | None:
 
 def configure_tracing(
     *,
-    logfire_token: str | None = None,
+    logfire_token: str | SecretStr | None = None,
     otlp_endpoint: str | None = None,
     otlp_traces_endpoint: str | None = None,
-    otlp_headers: str | None = None,
+    otlp_headers: str | SecretStr | None = None,
     service_name: str | None = None,
 ) -> Tracing | None:
     """Set up tracing from the settings: Logfire first, else OTLP, else nothing (`None`).
+
+    Credentials may come as `SecretStr`; they are unwrapped only where Logfire or the exporter is built.
 
     Args:
         logfire_token: `LOGFIRE_TOKEN`.
@@ -103,10 +125,17 @@ def configure_tracing(
     resource = Resource.create({SERVICE_NAME: service_name} if service_name else None)
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    headers = parse_env_headers(otlp_headers, liberal=True) if otlp_headers else None
+    # Also covers the exporter's own reading of the OTEL_EXPORTER_OTLP_*HEADERS variables.
+    _hide_header_warnings()
+    raw_headers = _reveal(otlp_headers)
+    headers = parse_env_headers(raw_headers, liberal=True) if raw_headers else None
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url, headers=headers)))
     return Tracing(tracer=provider.get_tracer(TRACER_NAME), destination=_shown(url), shutdown=provider.shutdown)
+
+
+def _reveal(value: str | SecretStr | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def _shown(url: str) -> str:

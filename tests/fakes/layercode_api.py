@@ -16,6 +16,7 @@ from starlette.routing import Route
 from .net import free_port
 
 API_KEY = "lc_test_key"
+SESSION_KEY = "lc_sesskey_test123"
 
 
 @dataclass
@@ -34,6 +35,10 @@ class FakeLayercodeAPI:
     next_status: int | None = None
     next_error: str = ""
     delay: float = 0.0
+    api_key: str = API_KEY
+    """The only bearer key it accepts."""
+    session_key: str = SESSION_KEY
+    """The `client_session_key` it hands out."""
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -65,7 +70,7 @@ class FakeLayercodeAPI:
         self.calls.append(AuthorizeCall(body=body, authorization=authorization))
         if self.delay:
             await asyncio.sleep(self.delay)
-        if authorization != f"Bearer {API_KEY}":
+        if authorization != f"Bearer {self.api_key}":
             return JSONResponse({"error": "invalid or missing bearer token"}, status_code=400)
         if self.next_status is not None:
             status, self.next_status = self.next_status, None
@@ -74,7 +79,7 @@ class FakeLayercodeAPI:
             return JSONResponse({"error": "invalid agent ID"}, status_code=400)
         return JSONResponse(
             {
-                "client_session_key": "lc_sesskey_test123",
+                "client_session_key": self.session_key,
                 "conversation_id": body.get("conversation_id") or "lc_conv_new123",
                 "config": {"transcription": {"trigger": "automatic", "automatic": True, "can_interrupt": True}},
             }

@@ -43,6 +43,7 @@ class Received:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens_sent: int = 0
+    headers: dict[str, str] = field(default_factory=dict[str, str])
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -84,7 +85,7 @@ class FakeOpenAI:
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()
-        received = Received(body=body, at=time.monotonic())
+        received = Received(body=body, at=time.monotonic(), headers=dict(request.headers))
         self.received.append(received)
         if self.replies:
             reply = self.replies.pop(0)

@@ -24,12 +24,15 @@ INSTALL_HINT = (
 class RedisServer:
     """`with RedisServer() as server:`; `server.url` is `redis://127.0.0.1:<port>/0`.
 
-    Pass `port=` to start a new server where a stopped one listened (a restart, as clients see it).
+    Pass `port=` to start a new server where a stopped one listened (a restart, as clients see it), and
+    `password=` to require one (`requirepass`); the URL then carries it: `redis://:<password>@127.0.0.1:<port>/0`.
     """
 
-    def __init__(self, *, port: int | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(self, *, port: int | None = None, password: str | None = None, startup_timeout: float = 10.0) -> None:
         self.port = port if port is not None else free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        credentials = f":{password}@" if password else ""
+        self.url = f"redis://{credentials}127.0.0.1:{self.port}/0"
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self._directory: tempfile.TemporaryDirectory[str] | None = None
@@ -44,6 +47,8 @@ class RedisServer:
         # redis-server [config options]: each `--name value` pair is a line of redis.conf.
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         argv += ["--dir", str(directory), "--daemonize", "no", "--protected-mode", "yes"]
+        if self.password:
+            argv += ["--requirepass", self.password]
         self.process = subprocess.Popen(argv, cwd=directory, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -62,7 +67,11 @@ class RedisServer:
         """Whether the server answers PING right now."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
+                if self.password:
+                    sock.sendall(_command("AUTH", self.password))
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
+                sock.sendall(_command("PING"))
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
@@ -93,3 +102,9 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _command(*parts: str) -> bytes:
+    """One command in RESP, Redis's wire format (an array of bulk strings)."""
+    encoded = [part.encode() for part in parts]
+    return f"*{len(encoded)}\r\n".encode() + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded)

@@ -67,6 +67,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # Closes the log.
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
             try:
                 if httpx.get(f"{self.base}/health", timeout=0.5).status_code == 200:

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass, replace
 
 import pytest
+from pydantic import SecretStr
 
-from layercode_agent.protocol import DEFAULT_TOLERANCE, SIGNATURE_HEADER, SignatureError, sign, verify
+from layercode_agent.protocol import DEFAULT_TOLERANCE, SIGNATURE_HEADER, SignatureError, check_header, sign, verify
 
 SECRET = "whsec_test_secret"
 OTHER_SECRET = "whsec_other_secret"
@@ -220,3 +221,33 @@ def test_no_secrets_configured(secrets: str | list[str]) -> None:
 def test_no_secrets_checked_before_header() -> None:
     with pytest.raises(SignatureError, match=r"^no webhook secret configured$"):
         verify(BODY, None, [], now=NOW)
+
+
+def test_secret_strings_sign_and_verify_like_plain_ones() -> None:
+    header = sign(BODY, SecretStr(SECRET), timestamp=NOW)
+    assert header == sign(BODY, SECRET, timestamp=NOW)
+    assert verify(BODY, header, SecretStr(SECRET), now=NOW) == NOW
+    assert verify(BODY, header, [SecretStr(OTHER_SECRET), SECRET], now=NOW) == NOW
+    with pytest.raises(SignatureError, match=r"^no webhook secret configured$"):
+        verify(BODY, header, [SecretStr("")], now=NOW)
+    with pytest.raises(SignatureError) as raised:
+        verify(BODY, sign(BODY, OTHER_SECRET, timestamp=NOW), [SecretStr(SECRET)], now=NOW)
+    assert SECRET not in str(raised.value)
+
+
+def test_check_header_refuses_what_can_never_verify_without_the_body() -> None:
+    now = 1_700_000_000
+    good = sign(b"any body", "s", timestamp=now)
+    assert check_header(good, "s", now=now) == now
+    assert check_header(good, "another secret", now=now) == now  # Only the body can tell a wrong secret.
+    for header, reason in [
+        (None, "missing"),
+        ("  ", "empty"),
+        ("t=abc,v1=00", "malformed"),
+        (sign(b"x", "s", timestamp=now - 301), "old"),
+        (sign(b"x", "s", timestamp=now + 301), "future"),
+    ]:
+        with pytest.raises(SignatureError, match=reason):
+            check_header(header, "s", now=now)
+    with pytest.raises(SignatureError, match="no webhook secret"):
+        check_header(good, [], now=now)

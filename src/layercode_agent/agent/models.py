@@ -28,10 +28,10 @@ _PROVIDER_ALIASES = {"google-gla": "google", "google-vertex": "google-cloud"}
 class ModelKeys:
     """Credentials and endpoints taken from the settings (kept out of the environment on purpose)."""
 
-    gemini_api_key: str | None = None
-    openai_api_key: str | None = None
+    gemini_api_key: str | None = field(default=None, repr=False)
+    openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
-    anthropic_api_key: str | None = None
+    anthropic_api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
+from rich.text import Text
 
 from .. import __version__
 from ..config import get_settings, resolve_webhook_secrets
@@ -96,8 +98,11 @@ def sign(
                 "or start the server once (`make run`) to create the development secret."
             )
             raise typer.Exit(2)
-        secret = secrets.values[0]
-    typer.echo(sign_body(raw, secret, timestamp=timestamp if timestamp is not None else int(time.time())))
+        key = secrets.values[0]
+    else:
+        key = SecretStr(secret)
+    # Only the header goes out: a timestamp and an HMAC, never the secret.
+    typer.echo(sign_body(raw, key, timestamp=timestamp if timestamp is not None else int(time.time())))
 
 
 @app.command()
@@ -126,14 +131,35 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` and return its exit code (for tests and `python -m`).
 
     Click's standalone mode does the error handling: a usage error prints the usage and a one-line
-    reason with exit code 2, Ctrl-C at a prompt exits 1, `typer.Exit(n)` exits n.
+    reason with exit code 2, Ctrl-C at a prompt exits 1, `typer.Exit(n)` exits n. Invalid settings
+    exit 2 with one line per problem, instead of pydantic's traceback.
     """
     try:
         app(args=argv, prog_name="layercode-agent")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else 0 if code is None else 1
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        err.print(Text("Cannot start: invalid settings (environment or .env)", style="bold red"))
+        for problem in _settings_problems(exc):
+            err.print(Text(f"  {problem}"))
+        return 2
     return 0
+
+
+def _settings_problems(exc: ValidationError) -> list[str]:
+    """One line per problem: the variable and what is wrong, never the value given.
+
+    pydantic's own message repeats the input, and for a model-level check that input is every setting,
+    secrets included, unmasked.
+    """
+    problems: list[str] = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return problems
 
 
 def run() -> None:

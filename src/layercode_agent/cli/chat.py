@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import httpx
+from pydantic import SecretStr
 from rich.console import Console
 from rich.text import Text
 
@@ -86,8 +87,9 @@ def run_chat(*, url: str | None, secret: str | None, conversation_id: str | None
     out = Console(highlight=False, soft_wrap=True, emoji=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     settings = get_settings()
-    source = "--secret"
-    if secret is None:
+    if secret is not None:
+        key, source = SecretStr(secret), "--secret"
+    else:
         secrets = resolve_webhook_secrets(settings, create=False)
         if not secrets.values:
             err.print(
@@ -95,9 +97,9 @@ def run_chat(*, url: str | None, secret: str | None, conversation_id: str | None
                 "or start this project's server once (`layercode-agent serve`) to create the development secret."
             )
             return 2
-        secret, source = secrets.values[0], secrets.source
+        key, source = secrets.values[0], secrets.source
     url = url or f"http://127.0.0.1:{settings.port}/api/agent"
-    chat = _Chat(url, secret, conversation_id, screen=_Screen(out), secret_source=source)
+    chat = _Chat(url, key, conversation_id, screen=_Screen(out), secret_source=source)
     try:
         return asyncio.run(chat.run())
     except _ChatError as exc:
@@ -136,7 +138,7 @@ class _Chat:
     """One session: the welcome, then typed turns until the end of input, then `session.end`."""
 
     def __init__(
-        self, url: str, secret: str, conversation_id: str | None, *, screen: _Screen, secret_source: str
+        self, url: str, secret: SecretStr, conversation_id: str | None, *, screen: _Screen, secret_source: str
     ) -> None:
         self.url = url
         self.secret = secret

@@ -21,8 +21,10 @@ from rich.table import Table
 from uvicorn.config import LOGGING_CONFIG
 
 from ..config import Settings, resolve_webhook_secrets
+from ..redact import redact_url
+from ..server.http import PROTOCOL
 
-__all__ = ["MULTIPROC_ENV", "log_config", "metrics_dir", "run_server"]
+__all__ = ["MULTIPROC_ENV", "authorize_mode", "log_config", "metrics_dir", "run_server"]
 
 FACTORY = "layercode_agent.server.app:create_app_from_env"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -80,6 +82,20 @@ def metrics_dir(settings: Settings, *, port: int, workers: int, reload: bool) ->
     return path, True
 
 
+def authorize_mode(settings: Settings) -> str:
+    """Who `/api/authorize` answers, for the banner."""
+    if settings.layercode_api_key is None or not settings.layercode_agent_id:
+        return "off until LAYERCODE_API_KEY and LAYERCODE_AGENT_ID are set"
+    if settings.authorize_hook:
+        who = f"callers AUTHORIZE_HOOK={settings.authorize_hook} admits"
+    elif settings.authorize_token is not None:
+        who = "callers with the AUTHORIZE_TOKEN"
+    else:
+        who = "loopback clients only: set AUTHORIZE_TOKEN or AUTHORIZE_HOOK for others"
+    limit = settings.rate_limit
+    return f"{who}; {limit} each" if limit is not None else f"{who}; no rate limit"
+
+
 def run_server(settings: Settings, *, host: str, port: int, workers: int, reload: bool, console: Console) -> None:
     """Validate, print the banner and serve until interrupted."""
     try:
@@ -92,10 +108,10 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}"
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("model", model)
-    table.add_row("store", store_url)
+    table.add_row("store", redact_url(store_url))
     table.add_row("webhook secret", secrets.source)
     table.add_row("webhook", f"POST {base}/api/agent")
-    table.add_row("authorize", f"POST {base}/api/authorize")
+    table.add_row("authorize", f"POST {base}/api/authorize ({authorize_mode(settings)})")
     table.add_row("health", f"GET  {base}/health")
     if not settings.metrics:
         table.add_row("metrics", "off (METRICS=false)")
@@ -135,6 +151,8 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
             log_config=log_config(settings.log_level),
             log_level=settings.log_level,
             timeout_graceful_shutdown=10,
+            # Uvicorn's httptools protocol plus head size and read deadlines (MAX_HEADER_BYTES, REQUEST_READ_TIMEOUT).
+            http=PROTOCOL,
         )
     finally:
         if own_metrics_path and metrics_path is not None:

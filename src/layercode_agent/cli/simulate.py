@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -84,7 +85,9 @@ def simulate(
                 "No webhook secret: set LAYERCODE_WEBHOOK_SECRET, pass --secret, "
                 "or start the server once (`make run`) to create the development secret."
             )
-        secret = secrets.values[0]
+        key = secrets.values[0]
+    else:
+        key = SecretStr(secret)
     if (problem := asyncio.run(check_reachable(url, request_timeout=min(timeout, 10.0)))) is not None:
         _usage(f"Cannot reach {url}: {problem}. Is the server running? Start it with `make run`, or pass --url.")
 
@@ -99,7 +102,7 @@ def simulate(
     try:
         results = asyncio.run(
             run_scenarios(
-                loaded, url=url, secret=secret, concurrency=concurrency, request_timeout=timeout, on_result=_progress
+                loaded, url=url, secret=key, concurrency=concurrency, request_timeout=timeout, on_result=_progress
             )
         )
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from .events import (
     parse_event,
 )
 from .responses import DataResponse, EndResponse, OutboundEvent, TTSResponse, to_dict
-from .signature import DEFAULT_TOLERANCE, SIGNATURE_HEADER, sign, verify
+from .signature import DEFAULT_TOLERANCE, SIGNATURE_HEADER, check_header, sign, verify
 from .sse import SSE_CONTENT_TYPE, SSE_HEADERS, SSEParser, adecode_stream, decode_stream, encode, encode_json
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "encode",
     "encode_json",
     "parse_event",
+    "check_header",
     "sign",
     "to_dict",
     "verify",

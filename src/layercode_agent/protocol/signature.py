@@ -4,7 +4,8 @@ Why this exists: anyone who learns the webhook URL could otherwise make the agen
 Layercode signs every POST with an HMAC of the raw body; we check it before parsing anything. The check is
 framework-free (``verify(body, header, secrets)``, as standard-webhooks does) and, unlike most samples, takes the
 clock and tolerance as parameters so tests need no time travel, and accepts several secrets so a secret can be
-rotated without downtime.
+rotated without downtime. Secrets may be plain strings or pydantic ``SecretStr``; they are unwrapped only where the
+HMAC is computed, so a secret travelling through the app never shows in a ``repr``, a log line or a traceback.
 
 Algorithm (docs "Webhook Verification", confirmed by ``@layercode/node-server-sdk`` 1.2.1 ``verifySignature``):
 header ``t=<unix seconds>,v1=<hex HMAC-SHA256>``; signed bytes are ``f"{t}."`` + the exact raw body; the key is
@@ -21,11 +22,13 @@ import hmac
 import re
 import time
 from collections.abc import Sequence
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeAlias
+
+from pydantic import SecretStr
 
 from .errors import SignatureError
 
-__all__ = ["DEFAULT_TOLERANCE", "SIGNATURE_HEADER", "sign", "verify"]
+__all__ = ["DEFAULT_TOLERANCE", "SIGNATURE_HEADER", "check_header", "sign", "verify"]
 
 SIGNATURE_HEADER: Final = "layercode-signature"
 """Name of the HTTP header carrying the signature (lower case; HTTP header names are case-insensitive)."""
@@ -38,13 +41,15 @@ _EXPECTED: Final = "expected 't=<unix seconds>,v1=<hex hmac>'"
 _SECONDS_RE: Final = re.compile(r"[0-9]{1,15}")
 _HEX_RE: Final = re.compile(r"[0-9a-fA-F]+")
 
+_Secret: TypeAlias = str | SecretStr
 
-def sign(body: bytes, secret: str, *, timestamp: int | None = None) -> str:
+
+def sign(body: bytes, secret: _Secret, *, timestamp: int | None = None) -> str:
     """Compute the ``layercode-signature`` header value Layercode would send for ``body``.
 
     Args:
         body: The exact request body bytes.
-        secret: The agent's webhook secret, used as-is as the HMAC key.
+        secret: The agent's webhook secret (a string or a ``SecretStr``), used as-is as the HMAC key.
         timestamp: Unix seconds to sign with; defaults to now.
 
     Returns:
@@ -57,7 +62,7 @@ def sign(body: bytes, secret: str, *, timestamp: int | None = None) -> str:
 def verify(
     body: bytes,
     header: str | None,
-    secrets: str | Sequence[str],
+    secrets: _Secret | Sequence[_Secret],
     *,
     now: float | None = None,
     tolerance: int = DEFAULT_TOLERANCE,
@@ -70,8 +75,8 @@ def verify(
     Args:
         body: The exact raw request body bytes, as received.
         header: The ``layercode-signature`` header value, or ``None`` when the request had none.
-        secrets: The webhook secret, or several during a rotation; verification succeeds if any matches.
-            Empty strings are ignored.
+        secrets: The webhook secret, or several during a rotation, as strings or ``SecretStr``; verification
+            succeeds if any matches. Empty ones are ignored.
         now: The current Unix time in seconds; defaults to ``time.time()``.
         tolerance: Maximum seconds between the signed timestamp and ``now``, in either direction.
 
@@ -82,25 +87,8 @@ def verify(
         SignatureError: No secret is configured, or the header is missing, malformed, outside the tolerance or
             does not match; ``reason`` says which.
     """
-    keys = [secrets] if isinstance(secrets, str) else list(secrets)
-    keys = [key for key in keys if key]
-    if not keys:
-        raise SignatureError("no webhook secret configured")
-    if header is None:
-        raise SignatureError(f"missing {SIGNATURE_HEADER} header")
-    if not header.strip():
-        raise SignatureError(f"empty {SIGNATURE_HEADER} header")
-
-    ts, signatures = _parse(header)
+    keys, ts, signatures = _checked_header(header, secrets, now, tolerance)
     timestamp = int(ts)
-    age = (time.time() if now is None else now) - timestamp
-    if age > tolerance:
-        raise SignatureError(f"timestamp {timestamp} is {_seconds(age)} s old, older than the {tolerance} s tolerance")
-    if -age > tolerance:
-        raise SignatureError(
-            f"timestamp {timestamp} is {_seconds(-age)} s in the future, beyond the {tolerance} s tolerance"
-        )
-
     for key in keys:
         expected = _digest(key, ts, body)
         for candidate in signatures:
@@ -110,8 +98,55 @@ def verify(
     raise SignatureError(f"signature does not match (checked {len(keys)} {noun})")
 
 
-def _digest(secret: str, ts: str, body: bytes) -> str:
-    return hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+def check_header(
+    header: str | None,
+    secrets: _Secret | Sequence[_Secret],
+    *,
+    now: float | None = None,
+    tolerance: int = DEFAULT_TOLERANCE,
+) -> int:
+    """Check what `verify` checks without the body: a secret is configured, the header is there, well formed, recent.
+
+    Call it before reading the body, so a request that can never verify is refused without reading it;
+    then `verify` the body.
+
+    Returns:
+        The header's timestamp (Unix seconds).
+
+    Raises:
+        SignatureError: As `verify` does, except "does not match".
+    """
+    _, ts, _ = _checked_header(header, secrets, now, tolerance)
+    return int(ts)
+
+
+def _checked_header(
+    header: str | None, secrets: _Secret | Sequence[_Secret], now: float | None, tolerance: int
+) -> tuple[list[_Secret], str, list[str]]:
+    keys = [secrets] if isinstance(secrets, str | SecretStr) else list(secrets)
+    keys = [key for key in keys if len(key)]
+    if not keys:
+        raise SignatureError("no webhook secret configured")
+    if header is None:
+        raise SignatureError(f"missing {SIGNATURE_HEADER} header")
+    if not header.strip():
+        raise SignatureError(f"empty {SIGNATURE_HEADER} header")
+    ts, signatures = _parse(header)
+    timestamp = int(ts)
+    age = (time.time() if now is None else now) - timestamp
+    if age > tolerance:
+        raise SignatureError(f"timestamp {timestamp} is {_seconds(age)} s old, older than the {tolerance} s tolerance")
+    if -age > tolerance:
+        raise SignatureError(
+            f"timestamp {timestamp} is {_seconds(-age)} s in the future, beyond the {tolerance} s tolerance"
+        )
+    return keys, ts, signatures
+
+
+def _digest(secret: _Secret, ts: str, body: bytes) -> str:
+    # The one place a secret is unwrapped.
+    key = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    return hmac.new(key.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
 def _parse(header: str) -> tuple[str, list[str]]:

@@ -26,13 +26,16 @@ from ..agent import (
     load_user_agent,
     resolve_model,
 )
-from ..config import MAX_BODY_BYTES, Settings, get_settings, resolve_webhook_secrets
+from ..config import Settings, get_settings, resolve_webhook_secrets
 from ..observability import MetricsObserver, forget_process
 from ..stores import open_store
 from ..telemetry import Tracing, configure_tracing
 from ..turns import DataHandler, TurnObserver, TurnRunner, default_data_handler
 from ..utils import import_string
+from .access import AuthorizeHook, Gate
+from .cors import AuthorizeCORS
 from .errors import install_error_handlers
+from .http import GuardedHttpToolsProtocol
 from .routes import authorize, conversations, health, playground, webhook
 from .routes.metrics import metrics_router
 from .runtime import Runtime
@@ -72,10 +75,10 @@ def _agent_and_model(
 
 def _tracing(settings: Settings) -> Tracing | None:
     return configure_tracing(
-        logfire_token=_secret(settings.logfire_token),
+        logfire_token=settings.logfire_token,
         otlp_endpoint=settings.otel_exporter_otlp_endpoint,
         otlp_traces_endpoint=settings.otel_exporter_otlp_traces_endpoint,
-        otlp_headers=_secret(settings.otel_exporter_otlp_headers),
+        otlp_headers=settings.otel_exporter_otlp_headers,
         service_name=settings.otel_service_name,
     )
 
@@ -102,6 +105,13 @@ def create_app(
         handler = import_string(settings.data_handler)
     welcome = DEFAULT_WELCOME_MESSAGE if settings.welcome_message is None else settings.welcome_message
     model_name = choice.name if choice is not None else f"{agent.model} (from AGENT={settings.agent})"
+    hook: AuthorizeHook | None = import_string(settings.authorize_hook) if settings.authorize_hook else None
+    if hook is not None and not callable(hook):
+        raise TypeError(f"AUTHORIZE_HOOK={settings.authorize_hook!r} is not a function")
+    # Read by uvicorn's protocol on each connection of this process (when served by `serve`).
+    GuardedHttpToolsProtocol.configure(
+        max_head_bytes=settings.max_header_bytes, read_timeout=settings.request_read_timeout
+    )
     # Set by `serve --workers N` (or by the user) before any worker imported prometheus_client.
     multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -139,6 +149,9 @@ def create_app(
                 model_name=model_name,
                 store_description=store.description,
             )
+            app.state.runtime.gate = Gate(
+                store=store, token=settings.authorize_token, hook=hook, rate_limit=settings.rate_limit
+            )
             try:
                 yield
             finally:
@@ -152,12 +165,16 @@ def create_app(
     app = FastAPI(
         title="layercode-agent",
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
+        max_body_size=settings.max_body_bytes,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
     )
     install_error_handlers(app)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            AuthorizeCORS, origins=settings.cors_allow_origins, credentials=settings.cors_allow_credentials
+        )
     app.include_router(webhook.router)
     app.include_router(authorize.router)
     app.include_router(health.router)

@@ -7,6 +7,7 @@ the app only sees an `AgentStore`.
 
 from __future__ import annotations
 
+from ..redact import redact_url
 from .base import AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
 from .memory import MemoryStore
 from .redis import RedisStore
@@ -45,21 +46,22 @@ def open_store(url: str) -> AgentStore:
 
     Raises:
         StoreError: If the URL is malformed, its scheme unsupported, or the database cannot be opened.
-            Nothing in the message repeats a password from the URL.
+            Nothing in the message repeats a password from the URL (`redact_url` hides it).
     """
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
     if not separator:
-        raise StoreError(f"Store URL {url!r} has no scheme; use {_ACCEPTED}.")
+        raise StoreError(f"Store URL {redact_url(url)!r} has no scheme; use {_ACCEPTED}.")
     if scheme == "memory":
         if rest:
-            raise StoreError(f"memory:// takes no path (got {url!r}).")
+            raise StoreError(f"memory:// takes no path (got {redact_url(url)!r}).")
         return MemoryStore()
     if scheme == "sqlite":
         path = rest[1:] if rest.startswith("/") else ""
         if not path or "?" in path:
             raise StoreError(
-                f"SQLite store URLs look like sqlite:///relative/path.db or sqlite:////absolute/path.db (got {url!r})."
+                "SQLite store URLs look like sqlite:///relative/path.db or sqlite:////absolute/path.db "
+                f"(got {redact_url(url)!r})."
             )
         return SQLiteStore(path)
     if scheme in {"redis", "rediss"}:

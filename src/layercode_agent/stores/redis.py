@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..redact import redact_text
 from . import _redis_scripts as scripts
 from ._serialization import (
     dump_message,
@@ -154,6 +155,7 @@ class RedisStore(AgentStore):
         self._delete_extras = self._client.register_script(scripts.DELETE_UNRECORDED_EXTRAS)
         self._add_event = self._client.register_script(scripts.ADD_SESSION_EVENT)
         self._set_marker = self._client.register_script(scripts.SET_MARKER)
+        self._take_allowance = self._client.register_script(scripts.TAKE_ALLOWANCE)
         self._read_history = self._client.register_script(scripts.READ_HISTORY)
         self._read_records = self._client.register_script(scripts.READ_RECORDS)
 
@@ -365,6 +367,22 @@ class RedisStore(AgentStore):
                 pipe.zrem(self._conversation_key(conversation_id, "markers"), name)
                 await pipe.execute()
 
+    # --- Rate limits ------------------------------------------------------------------------------
+
+    async def take_allowance(self, key: str, *, count: int, period: float) -> float:
+        """Take one request from `key`'s allowance in one script on the Redis clock, shared by every server.
+
+        The allowance is the key `<prefix>rate:<key>`, which Redis expires once it is full again. A
+        request whose reply a dropped connection lost is retried like any other, so it may count twice:
+        the error is on the side of refusing.
+        """
+        interval = self._allowance_interval(count, period)
+        # Microseconds, the resolution of Redis's TIME; `repr` keeps the floats exact.
+        args = [repr(interval * 1_000_000), repr(period * 1_000_000)]
+        with self._translate_errors():
+            wait = await self._take_allowance(keys=[self._key(f"rate:{key}")], args=args)
+        return int(cast(int, wait)) / 1_000_000
+
     # --- Plumbing ---------------------------------------------------------------------------------
 
     def _key(self, name: str) -> str:
@@ -382,10 +400,7 @@ class RedisStore(AgentStore):
         return max(1, math.ceil(seconds * 1000))
 
     def _redact(self, error: object) -> str:
-        text = str(error)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact_text(str(error), self._secrets)
 
     @contextmanager
     def _translate_errors(self) -> Generator[None]:

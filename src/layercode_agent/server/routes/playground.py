@@ -17,7 +17,6 @@ grants CORS.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -32,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ...protocol import SIGNATURE_HEADER, sign
+from ..access import is_loopback_ip
 from ..deps import RuntimeDep
 
 __all__ = ["PLAYGROUND_PATH", "is_loopback_host", "playground_refusal", "router"]
@@ -73,7 +73,7 @@ _PAGE_HEADERS: Final = {
 def is_loopback_host(host: str) -> bool:
     """Whether a `HOST` to bind is loopback only (`127.0.0.1`, any `127.x`, `::1`, `localhost`)."""
     name = host.strip().lower()
-    return name == "localhost" or _is_loopback_ip(name)
+    return name == "localhost" or is_loopback_ip(name)
 
 
 def playground_refusal(host: str) -> str | None:
@@ -86,19 +86,8 @@ def playground_refusal(host: str) -> str | None:
     )
 
 
-def _is_loopback_ip(text: str) -> bool:
-    """Whether `text` is a loopback IP literal (`127.x`, `::1`, IPv4-mapped `::ffff:127.x`), brackets allowed."""
-    try:
-        address = ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def _client_is_loopback(request: Request) -> bool:
-    return request.client is not None and _is_loopback_ip(request.client.host)
+    return request.client is not None and is_loopback_ip(request.client.host)
 
 
 def _host_header_is_loopback(host: str | None) -> bool:
@@ -113,7 +102,7 @@ def _host_header_is_loopback(host: str | None) -> bool:
         port = port[1:]
     else:
         name, _, port = host.partition(":")
-    return (not port or port.isdigit()) and (name == "localhost" or _is_loopback_ip(name))
+    return (not port or port.isdigit()) and (name == "localhost" or is_loopback_ip(name))
 
 
 def _cross_site(request: Request) -> str | None:

@@ -13,7 +13,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import EventSourceResponse
+from fastapi.responses import EventSourceResponse, JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from ...protocol import (
     SIGNATURE_HEADER,
@@ -25,6 +26,7 @@ from ...protocol import (
     SessionStartEvent,
     SessionUpdateEvent,
     UnknownEvent,
+    check_header,
     encode,
     encode_json,
     parse_event,
@@ -32,6 +34,7 @@ from ...protocol import (
 )
 from ...turns import TurnTiming
 from ..deps import RuntimeDep
+from ..runtime import Runtime
 
 __all__ = ["router"]
 
@@ -48,26 +51,227 @@ async def _encoded(events: AsyncIterator[OutboundEvent]) -> AsyncIterator[bytes]
         yield encode(event)
 
 
-def _stream(events: AsyncIterator[OutboundEvent]) -> EventSourceResponse:
-    return EventSourceResponse(_encoded(events), headers=SSE_HEADERS)
+class _CountedStream(EventSourceResponse):
+    """A reply stream that gives its conversation's slot back when it ends, however it ends."""
+
+    def __init__(self, events: AsyncIterator[OutboundEvent], open_streams: dict[str, int], key: str) -> None:
+        super().__init__(_encoded(events), headers=SSE_HEADERS)
+        self._open_streams = open_streams
+        self._key = key
+        open_streams[key] = open_streams.get(key, 0) + 1
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            left = self._open_streams.get(self._key, 1) - 1
+            if left > 0:
+                self._open_streams[self._key] = left
+            else:
+                self._open_streams.pop(self._key, None)
 
 
-@router.post("/api/agent", response_model=None)
+def _too_many_streams(runtime: Runtime, key: str) -> Response | None:
+    """429 when the conversation already holds `MAX_STREAMS_PER_CONVERSATION` streams on this worker."""
+    limit = runtime.settings.max_streams_per_conversation
+    if runtime.open_streams.get(key, 0) < limit:
+        return None
+    logger.warning("refused a webhook of conversation %s: %d reply streams already open", key, limit)
+    reason = f"conversation {key} already has {limit} reply streams open (MAX_STREAMS_PER_CONVERSATION)"
+    return JSONResponse({"error": "too many streams", "reason": reason}, status_code=429, headers={"Retry-After": "1"})
+
+
+# The OpenAPI description of this route, for `app.openapi()` (not served in production; the schemathesis tests
+# read it). The route reads the raw body itself, since the signature covers its exact bytes, so FastAPI cannot
+# infer the body: the events of `protocol/events.py` are written out here. They ignore unknown fields, hence no
+# `additionalProperties: false`; `conversation_id` is required as in current payloads (legacy bodies send only
+# `session_id`).
+_NULLABLE_TEXT = {"type": ["string", "null"]}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_EVENT_FIELDS = {
+    "session_id": _NULLABLE_TEXT,
+    "conversation_id": {"type": "string", "minLength": 1},
+    "turn_id": _NULLABLE_TEXT,
+    "custom_metadata": {"type": ["object", "null"]},
+    "metadata": {"type": ["object", "null"]},
+    "from_phone_number": _NULLABLE_TEXT,
+    "to_phone_number": _NULLABLE_TEXT,
+}
+_EVENT_TYPES = [
+    (
+        "message",
+        {
+            "text": {"type": "string"},
+            "interruption_context": {
+                "type": ["object", "null"],
+                "properties": {
+                    "previous_turn_interrupted": {"type": "boolean"},
+                    "words_heard": {"type": ["integer", "null"]},
+                    "text_heard": _NULLABLE_TEXT,
+                    "assistant_turn_id": _NULLABLE_TEXT,
+                },
+            },
+        },
+        ["text"],
+    ),
+    ("session.start", {"text": _NULLABLE_TEXT}, []),
+    (
+        "session.end",
+        {
+            **{name: _NULLABLE_TEXT for name in ("agent_id", "started_at", "ended_at", "ip_address", "country_code")},
+            **{name: _NULLABLE_NUMBER for name in ("duration", "transcription_duration_seconds", "latency")},
+            "tts_duration_seconds": _NULLABLE_NUMBER,
+            "recording_status": _NULLABLE_TEXT,
+            "transcript": {
+                "type": ["array", "null"],
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "role": {"type": "string"},
+                        "text": {"type": "string"},
+                        "timestamp": {"type": ["integer", "number", "string", "null"]},
+                    },
+                    "required": ["role"],
+                },
+            },
+        },
+        [],
+    ),
+    (
+        "session.update",
+        {
+            "recording_status": _NULLABLE_TEXT,
+            "recording_url": _NULLABLE_TEXT,
+            "recording_duration": _NULLABLE_NUMBER,
+            "error_message": _NULLABLE_TEXT,
+        },
+        [],
+    ),
+    ("data", {"data": {}}, []),
+]
+_NULLABLE_TURN_ID = {"turn_id": _NULLABLE_TEXT}
+_TTS_RESPONSE = {
+    "type": "object",
+    "properties": {"type": {"const": "response.tts"}, "content": {"type": "string"}, **_NULLABLE_TURN_ID},
+    "required": ["type", "content", "turn_id"],
+    "additionalProperties": False,
+}
+_DATA_RESPONSE = {
+    "type": "object",
+    "properties": {"type": {"const": "response.data"}, "content": {}, **_NULLABLE_TURN_ID},
+    "required": ["type", "content", "turn_id"],
+    "additionalProperties": False,
+}
+_END_RESPONSE = {
+    "type": "object",
+    "properties": {"type": {"const": "response.end"}, **_NULLABLE_TURN_ID},
+    "required": ["type", "turn_id"],
+    "additionalProperties": False,
+}
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"oneOf": [_TTS_RESPONSE, _DATA_RESPONSE, _END_RESPONSE]},
+        },
+    },
+    "required": ["data"],
+}
+_ERROR_BODY = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
+            "required": ["error"],
+        }
+    }
+}
+_WEBHOOK_OPENAPI = {
+    "parameters": [
+        {
+            "name": SIGNATURE_HEADER,
+            "in": "header",
+            "required": True,
+            "description": "`t=<unix seconds>,v1=<hex HMAC-SHA256 of f'{t}.' + the raw body>`",
+            "schema": {"type": "string"},
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "properties": {"type": {"const": tag}, **_EVENT_FIELDS, **fields},
+                            "required": ["type", "conversation_id", *required],
+                        }
+                        for tag, fields, required in _EVENT_TYPES
+                    ]
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "`message`, `session.start`: an SSE stream of response events ending with"
+            ' `response.end`; `data`: a `response.data`; other types: `{"status": ...}`',
+            "content": {
+                "text/event-stream": {"schema": _SSE_EVENT},
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            _DATA_RESPONSE,
+                            {
+                                "type": "object",
+                                "properties": {"status": {"enum": ["ok", "duplicate", "ignored"]}},
+                                "required": ["status"],
+                                "additionalProperties": False,
+                            },
+                        ]
+                    }
+                },
+            },
+        },
+        "400": {"description": "The body is not UTF-8 JSON, or not an object", "content": _ERROR_BODY},
+        "401": {"description": "The signature is missing, malformed, stale or wrong", "content": _ERROR_BODY},
+        "413": {"description": "The body is larger than `MAX_BODY_BYTES`"},
+        "422": {"description": "A JSON object that is not a valid event", "content": _ERROR_BODY},
+        "429": {"description": "The conversation already has too many reply streams open", "content": _ERROR_BODY},
+        "503": {"description": "The conversation store is unreachable", "content": _ERROR_BODY},
+    },
+}
+
+
+@router.post("/api/agent", response_model=None, summary="Answer one Layercode webhook", openapi_extra=_WEBHOOK_OPENAPI)
 async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     """Verify, parse and answer one Layercode webhook."""
     timing = TurnTiming()  # Every stage of a turn is timed from here.
+    header = request.headers.get(SIGNATURE_HEADER)
+    # A request that can never verify (no secret, no header, a malformed or stale one) is refused before its
+    # body is read: a flood of them costs no body reads, no parsing, no store, no LLM.
+    check_header(header, runtime.secrets)
     body = await request.body()
-    verify(body, request.headers.get(SIGNATURE_HEADER), runtime.secrets)
+    verify(body, header, runtime.secrets)
     timing.mark("signature_verified")
     event = parse_event(body)
     # The same body delivered twice (a retry, or a replay within the signature's tolerance) has the
     # same digest: the runner answers it from the first delivery instead of acting again.
     delivery = hashlib.sha256(body).hexdigest()
     runner = runtime.runner
-    if isinstance(event, MessageEvent):
-        return _stream(runner.stream_message(event, delivery=delivery, timing=timing))
-    if isinstance(event, SessionStartEvent):
-        return _stream(runner.stream_session_start(event))
+    if isinstance(event, MessageEvent | SessionStartEvent):
+        key = event.conversation_key
+        if (refusal := _too_many_streams(runtime, key)) is not None:
+            return refusal
+        if isinstance(event, MessageEvent):
+            events = runner.stream_message(event, delivery=delivery, timing=timing)
+        else:
+            events = runner.stream_session_start(event)
+        return _CountedStream(events, runtime.open_streams, key)
     if isinstance(event, DataEvent):
         reply = await runner.handle_data(event, delivery=delivery)
         return Response(encode_json(reply), media_type=_JSON)
