@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import Request
 
-from layercode_agent.server.access import AuthorizeRefused
+from layercode_agent.server import AuthorizeRefused
 
 SESSIONS = {"cookie-alice": {"user_id": "alice", "tenant": "acme"}, "cookie-bob": {"user_id": "bob", "tenant": "acme"}}
 
