@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic_ai import models
 
+from .fakes.layercode_api import FakeLayercodeAPI
+from .fakes.openai_server import FakeOpenAI
 from .fakes.redis_server import RedisServer
 
 # No test may reach a real LLM provider; tests use pydantic-ai's doubles or the local fakes.
@@ -31,3 +33,20 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_url(redis_server: RedisServer) -> str:
     """The shared server's URL with a key prefix of its own, so no two tests see each other's keys."""
     return f"{redis_server.url}?prefix=test-{uuid.uuid4().hex}:"
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeOpenAI]:
+    """A local OpenAI-compatible streaming server, one per test, so each test counts the requests its LLM got.
+
+    Modules whose tests share one (scripted by a responder) override it with a module-scoped fixture.
+    """
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def api() -> Iterator[FakeLayercodeAPI]:
+    """A local stand-in for Layercode's REST API (`authorize_session`); point `LAYERCODE_API_URL` at `api.url`."""
+    with FakeLayercodeAPI() as fake:
+        yield fake

@@ -175,7 +175,7 @@ class Settings(BaseSettings):
         # `KEY=` in a .env copied from .env.example means "not set", not "set to the empty string".
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("playground", mode="before")
+    @field_validator("playground", "cors_allow_credentials", mode="before")
     @classmethod
     def _empty_is_off(cls, value: object) -> object:
         # `PLAYGROUND=` means off, like the other empty values, instead of failing bool parsing.
@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
-            value = [part.strip().rstrip("/") for part in value.split(",")]
+            value = value.split(",")
         if isinstance(value, list):
             return [str(part).strip().rstrip("/") for part in value if str(part).strip()]  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
         return value
@@ -201,11 +201,6 @@ class Settings(BaseSettings):
     def _check_rate_limit(cls, value: str) -> str:
         RateLimit.parse(value)
         return value
-
-    @field_validator("cors_allow_credentials", mode="before")
-    @classmethod
-    def _empty_is_false(cls, value: object) -> object:
-        return False if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _no_wildcard_with_credentials(self) -> Settings:

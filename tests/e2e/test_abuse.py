@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -29,18 +29,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 SECRET = "whsec_abuse"
 AGENT = "ag_abuse"
 TOKEN = "tok_abuse_0123456789"
-
-
-@pytest.fixture
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def api() -> Iterator[FakeLayercodeAPI]:
-    with FakeLayercodeAPI() as fake:
-        yield fake
 
 
 def _env(fake_llm: FakeOpenAI, tmp_path: Path, **extra: str) -> dict[str, str]:

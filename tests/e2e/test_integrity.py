@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from contextlib import ExitStack, aclosing
 from pathlib import Path
 from typing import Any, cast
@@ -29,13 +29,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 SECRET = "whsec_integrity"
 MARK = "[interrupted]"
-
-
-@pytest.fixture
-def fake_llm() -> Iterator[FakeOpenAI]:
-    # One fake per test: every test counts the requests that reached the LLM.
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 def integrity_env(fake_llm: FakeOpenAI, tmp_path: Path, store_url: str) -> dict[str, str]:

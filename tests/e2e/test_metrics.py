@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, cast
@@ -33,12 +33,6 @@ SECRET = "whsec_metrics"
 P = "layercode_agent_"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 def metrics_env(fake_llm: FakeOpenAI, tmp_path: Path, **extra: str) -> dict[str, str]:

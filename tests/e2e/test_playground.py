@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,12 +93,6 @@ async def chromium() -> AsyncGenerator[Browser]:
             yield browser
         finally:
             await browser.close()
-
-
-@pytest.fixture
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 def playground_env(fake_llm: FakeOpenAI, tmp_path: Path) -> tuple[dict[str, str], str]:

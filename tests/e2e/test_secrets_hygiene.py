@@ -20,7 +20,6 @@ import logging
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +133,6 @@ def assert_no_trace(captured: Captured) -> None:
 
 
 # --- The real server --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_llm() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 @pytest.mark.slow

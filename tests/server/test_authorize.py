@@ -6,7 +6,6 @@ workers over Redis) are tested against `layercode-agent serve` in tests/e2e/test
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,12 +24,6 @@ from .conftest import AppFactory, words
 pytestmark = pytest.mark.anyio
 
 AGENT = "ag_123"
-
-
-@pytest.fixture
-def api() -> Iterator[FakeLayercodeAPI]:
-    with FakeLayercodeAPI() as fake:
-        yield fake
 
 
 def _configured(api: FakeLayercodeAPI, **overrides: Any) -> dict[str, Any]:

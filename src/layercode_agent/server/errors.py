@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from ..protocol import PayloadError, SignatureError
 from ..stores import StoreError
+from .access import client_ip
 
 __all__ = ["AdminAuthError", "install_error_handlers"]
 
@@ -30,19 +31,15 @@ class AdminAuthError(Exception):
         """Why it was refused, safe to send back (it never contains a token)."""
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 async def _signature_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SignatureError)
-    logger.warning("rejected webhook from %s: %s", _client(request), exc.reason)
+    logger.warning("rejected webhook from %s: %s", client_ip(request), exc.reason)
     return JSONResponse({"error": "invalid signature", "reason": exc.reason}, status_code=401)
 
 
 async def _payload_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PayloadError)
-    logger.warning("bad webhook body from %s: %s", _client(request), exc)
+    logger.warning("bad webhook body from %s: %s", client_ip(request), exc)
     return JSONResponse({"error": "invalid body", "reason": str(exc)}, status_code=exc.status_code)
 
 
@@ -53,7 +50,7 @@ async def _store_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _admin_auth_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdminAuthError)
-    logger.warning("rejected admin request from %s: %s", _client(request), exc.reason)
+    logger.warning("rejected admin request from %s: %s", client_ip(request), exc.reason)
     return JSONResponse(
         {"error": "unauthorized", "reason": exc.reason}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
     )
