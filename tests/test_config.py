@@ -66,3 +66,105 @@ def test_admin_token_is_secret_and_an_empty_one_is_unset(monkeypatch: pytest.Mon
     assert "adm-123" not in repr(settings)
     monkeypatch.setenv("ADMIN_TOKEN", "")
     assert Settings().admin_token is None
+
+
+# --- The development secret: created privately, and only ever read from a file that is ours alone ----------
+
+
+def dev_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.delenv("LAYERCODE_WEBHOOK_SECRET", raising=False)
+    return Settings(data_dir=tmp_path / "data")
+
+
+def test_the_data_folder_it_creates_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = os.umask(0o022)
+    try:
+        resolve_webhook_secrets(dev_settings(tmp_path, monkeypatch))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "data").st_mode) == 0o700
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+def test_a_file_planted_where_the_secret_is_written_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """Someone who can write the data folder plants the temporary file: a world-readable one, or a link out."""
+    settings = dev_settings(tmp_path, monkeypatch)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    outside = tmp_path / "attacker-reads-this"
+    outside.touch()
+    outside.chmod(0o666)
+    temporary = data / f".dev-webhook-secret.{os.getpid()}"
+    if planted == "file":
+        temporary.touch()
+        temporary.chmod(0o666)
+    else:
+        temporary.symlink_to(outside)
+
+    secrets = resolve_webhook_secrets(settings)
+
+    value = secrets.values[0].get_secret_value()
+    assert outside.read_text() == ""
+    path = data / "dev-webhook-secret"
+    assert not path.is_symlink() and path.read_text().strip() == value
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    if planted == "file":
+        assert temporary.read_text() == ""
+
+
+def refused(settings: Settings) -> str:
+    with pytest.raises(ValueError) as raised:
+        resolve_webhook_secrets(settings)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644], ids=oct)
+def test_a_secret_file_others_can_read_or_write_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    settings = dev_settings(tmp_path, monkeypatch)
+    value = resolve_webhook_secrets(settings).values[0].get_secret_value()
+    path = tmp_path / "data" / "dev-webhook-secret"
+    path.chmod(mode)
+
+    message = refused(settings)
+    assert str(path) in message and "chmod 600" in message and oct(mode)[2:] in message
+    assert value not in message
+    assert refused(settings.model_copy()) == message  # Refused again, never rewritten or loosened.
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+
+
+def test_a_secret_file_owned_by_someone_else_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = dev_settings(tmp_path, monkeypatch)
+    value = resolve_webhook_secrets(settings).values[0].get_secret_value()
+    owner = os.stat(tmp_path / "data" / "dev-webhook-secret").st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # This process now runs as another user.
+
+    message = refused(settings)
+    assert "not owned by" in message and value not in message
+
+
+def test_a_secret_file_that_is_a_symlink_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = dev_settings(tmp_path, monkeypatch)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("dev_planted_secret\n")
+    elsewhere.chmod(0o600)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dev-webhook-secret").symlink_to(elsewhere)
+
+    message = refused(settings)
+    assert "symbolic link" in message and "dev_planted_secret" not in message
+    with pytest.raises(ValueError, match="symbolic link"):
+        resolve_webhook_secrets(settings, create=False)
+
+
+def test_an_empty_secret_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = dev_settings(tmp_path, monkeypatch)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "dev-webhook-secret"
+    path.touch()
+    path.chmod(0o600)
+
+    assert "is empty" in refused(settings)

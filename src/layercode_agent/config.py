@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
     "DEV_SECRET_FILE",
+    "DevSecretError",
     "MAX_BODY_BYTES",
     "RateLimit",
     "Settings",
@@ -94,7 +96,11 @@ class Settings(BaseSettings):
     request_read_timeout: float = Field(default=10.0, gt=0)
     """Seconds a client may take to send a request's head, and again its body; slower ones get 408."""
     max_streams_per_conversation: int = Field(default=4, ge=1)
-    """Reply streams one conversation may hold open at once on a worker; more get 429."""
+    """Reply streams of new turns one conversation may hold open at once on a worker, and as many again of
+    repeated deliveries, one turn at most this many; more get 429 (`server/streams.py`)."""
+    shutdown_drain_seconds: float = Field(default=15.0, ge=0)
+    """On SIGTERM, how long open reply streams may go on while new requests get 503; then each still open
+    is stopped and ends with `response.end`."""
 
     agent_model: str = "auto"
     agent: str | None = None
@@ -103,6 +109,15 @@ class Settings(BaseSettings):
     """`module:function` answering `data` webhooks (async, takes the `DataEvent`)."""
     llm_timeout: float = 30.0
     """Seconds a whole LLM turn may take before the caller hears an apology."""
+    llm_request_limit: int = Field(default=50, ge=1)
+    """Model requests one turn may make (each tool call costs one more); beyond it the caller hears an apology.
+    Every turn has its own allowance: the conversation's running total is kept in the store, never counted."""
+    llm_token_limit: int | None = Field(default=None, ge=1)
+    """Tokens (input and output, all its requests) one turn may use before the caller hears an apology; unset:
+    no limit."""
+    store_retry_seconds: float = Field(default=10.0, ge=0)
+    """Seconds a turn keeps trying to store its reply while the store fails; after that the reply waits in
+    the worker's memory, and the conversation's next turn on that worker stores it first."""
     filler_after_ms: float | None = Field(default=None, gt=0)
     """Speak `filler_text` if the LLM has said nothing this many ms after the request; unset: never."""
     filler_text: str = "Let me think."
@@ -110,6 +125,9 @@ class Settings(BaseSettings):
 
     conversation_store: str | None = Field(default=None, repr=False)
     """May carry a password (`redis://:password@host`): never shown in a repr."""
+    store_timeout: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    """Seconds one conversation-store call may take (a stalled disk, a hung Redis) before the caller hears
+    the apology: a SQLite call as a whole, Redis's connect and reply timeouts (unless its URL sets them)."""
     data_dir: Path = Path("data")
 
     system_prompt: str | None = None
@@ -163,6 +181,7 @@ class Settings(BaseSettings):
         "authorize_token",
         "authorize_hook",
         "filler_after_ms",
+        "llm_token_limit",
         "agent",
         "data_handler",
         "conversation_store",
@@ -249,41 +268,107 @@ class WebhookSecrets:
         return f"WebhookSecrets(<{len(self.values)} hidden>, source={self.source!r})"
 
 
+class DevSecretError(ValueError):
+    """The development secret file is not one to trust or use; the message says why and what to do, never its text."""
+
+
 def resolve_webhook_secrets(settings: Settings, *, create: bool = True) -> WebhookSecrets:
     """Return the configured webhook secrets, or the development secret kept in the data folder.
 
     No webhook is ever accepted unsigned. With no `LAYERCODE_WEBHOOK_SECRET`, a random development
     secret is generated once and kept (mode 0600) in `DATA_DIR/dev-webhook-secret`; the CLI's `sign`
     and local tools read it from there, so a newcomer can talk to the server without configuring anything.
+    It is only ever read from a regular file this user owns that nobody else may read or write.
+
+    Raises:
+        DevSecretError: If the development secret file is not one to trust (see `_read_secret`).
     """
     if settings.layercode_webhook_secret is not None:
         parts = [part.strip() for part in settings.layercode_webhook_secret.get_secret_value().split(",")]
         if values := [SecretStr(part) for part in parts if part]:
             return WebhookSecrets(values, "LAYERCODE_WEBHOOK_SECRET")
     path = settings.data_dir / DEV_SECRET_FILE
-    if path.exists():
-        return WebhookSecrets([_read_secret(path)], f"development secret in {path}")
+    if (existing := _read_secret(path)) is not None:
+        return WebhookSecrets([existing], f"development secret in {path}")
     if not create:
         return WebhookSecrets([], "none configured")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # A folder we create is ours alone.
     value = "dev_" + secrets.token_hex(24)
-    # Written whole to a private temporary file, then linked into place: link() fails if another
-    # worker got there first, and then everyone uses theirs. Nobody ever reads a half-written file.
-    temporary = path.with_name(f".{DEV_SECRET_FILE}.{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        file.write(value + "\n")
+    # Written whole to a temporary file this call creates (never one planted there, never through a
+    # link), then linked into place: link() fails if the name exists, never follows a link, and so
+    # lets the first worker win, and everyone uses its secret. Nobody ever reads a half-written file.
+    temporary, fd = _create_private(path)
     try:
-        os.link(temporary, path)
-    except FileExistsError:
-        return WebhookSecrets([_read_secret(path)], f"development secret in {path}")
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(value + "\n")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            if (existing := _read_secret(path)) is None:
+                message = f"The development secret {path} vanished while it was created; start again."
+                raise DevSecretError(message) from None
+            return WebhookSecrets([existing], f"development secret in {path}")
     finally:
         temporary.unlink(missing_ok=True)
     return WebhookSecrets([SecretStr(value)], f"development secret generated in {path}")
 
 
-def _read_secret(path: Path) -> SecretStr:
-    return SecretStr(path.read_text(encoding="utf-8").strip())
+_REMEDY = "remove it (a new one is generated) or set LAYERCODE_WEBHOOK_SECRET"
+
+
+def _create_private(path: Path) -> tuple[Path, int]:
+    """A new temporary file beside `path`, mode 0600, opened for writing; a name that exists is never reused."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(8):
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}")
+        try:
+            fd = os.open(temporary, flags, 0o600)
+        except FileExistsError:
+            continue
+        os.fchmod(fd, 0o600)  # Exactly, whatever the umask.
+        return temporary, fd
+    raise DevSecretError(f"Cannot create a temporary file beside {path}: every name tried exists.")
+
+
+def _read_secret(path: Path) -> SecretStr | None:
+    """The secret in `path`, `None` if there is no such file.
+
+    Raises:
+        DevSecretError: If it is a symbolic link or not a regular file, is not owned by this user, or
+            its group or others may read or write it (it was not created here, or was changed since),
+            or it is empty or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if path.is_symlink():
+            raise DevSecretError(f"The development secret {path} is a symbolic link; {_REMEDY}.") from None
+        raise DevSecretError(f"Cannot read the development secret {path}: {exc.strerror}.") from None
+    with os.fdopen(fd, "rb") as file:
+        found = os.fstat(file.fileno())  # Of the file opened, so nothing can be swapped in between.
+        if not stat.S_ISREG(found.st_mode):
+            raise DevSecretError(f"The development secret {path} is not a regular file; {_REMEDY}.")
+        if found.st_uid != os.geteuid():
+            raise DevSecretError(
+                f"The development secret {path} is not owned by this user (uid {os.geteuid()}, the file's is "
+                f"{found.st_uid}); {_REMEDY}."
+            )
+        mode = stat.S_IMODE(found.st_mode)
+        if mode & 0o077:
+            raise DevSecretError(
+                f"The development secret {path} has mode {mode:o}: others may read or change it. "
+                f"Run `chmod 600 {path}` if it is yours, or {_REMEDY}."
+            )
+        raw = file.read()
+    try:
+        value = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        value = ""
+    if not value:
+        raise DevSecretError(f"The development secret {path} is empty or not text; {_REMEDY}.")
+    return SecretStr(value)
 
 
 def get_settings() -> Settings:

@@ -40,8 +40,10 @@ __all__ = [
     "LOST",
     "PENDING",
     "Change",
+    "Heard",
     "History",
     "ReplyState",
+    "as_heard",
     "find_reply",
     "has_turn",
     "last_reply",
@@ -49,6 +51,7 @@ __all__ = [
     "pending_reply",
     "reply_text",
     "turn_meta",
+    "what_was_heard",
 ]
 
 PENDING = "pending"
@@ -160,6 +163,52 @@ def llm_messages(messages: Sequence[ModelMessage], interrupted_mark: str) -> lis
                 message = replace(message, parts=[TextPart(f"{text.rstrip()} {interrupted_mark}")])
         view.append(message)
     return view
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What the caller heard of a reply they barged into."""
+
+    text: str | None
+    """The reply's text as heard; `None`: nothing says where it was cut, so keep the reply as stored."""
+    refused: str | None = None
+    """Why Layercode's `text_heard` was not taken, for the log (never quoting it); `None` if it was taken."""
+
+
+def what_was_heard(sent: str, text_heard: str | None, words_heard: int | None) -> Heard:
+    """What to keep of a reply that was `sent` when Layercode reports an interruption.
+
+    `text_heard` is taken only when it is a prefix of what was sent, whitespace aside (runs of spaces,
+    tabs and line breaks count as one space, and leading and trailing ones not at all), since it can
+    only be the start of what the caller was played. Case and punctuation count: Layercode reports the
+    text it was sent back, so a different letter means a different text, and accepting it would let
+    an interruption rewrite a reply into words it never had. Otherwise what was sent is kept, cut to
+    `words_heard` words when Layercode gave a count.
+    """
+    words = sent.split()
+    refused: str | None = None
+    if text_heard is not None:
+        heard = " ".join(text_heard.split())
+        if " ".join(words).startswith(heard):
+            return Heard(heard)
+        refused = f"text_heard ({len(heard)} characters) is not a prefix of the {len(sent)} characters sent"
+    if words_heard is not None:
+        return Heard(" ".join(words[: max(words_heard, 0)]), refused)
+    return Heard(None, refused)
+
+
+def as_heard(message: ModelMessage, heard: str | None) -> ModelMessage:
+    """A reply rewritten to what the caller heard (`None`: its text kept), marked interrupted.
+
+    The first rewrite keeps the reply's text as `text_sent`; `text_heard` is what it became.
+    """
+    meta = dict(message.metadata or {})
+    meta["status"] = INTERRUPTED
+    if heard is None or not isinstance(message, ModelResponse):
+        return replace(message, metadata=meta)
+    meta.setdefault("text_sent", reply_text(message))
+    meta["text_heard"] = heard
+    return replace(message, parts=[TextPart(heard)] if heard else [], metadata=meta)
 
 
 @dataclass

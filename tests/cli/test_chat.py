@@ -15,9 +15,11 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import pexpect
@@ -29,12 +31,15 @@ from ..fakes.history import dialogue, session_events, stored, text_of
 from ..fakes.net import free_port
 from ..fakes.openai_server import FakeOpenAI, Received, Reply
 from ..fakes.server_process import ServerProcess, server_env, sqlite_url
+from .hostile import ODD_SECRET, ODD_SHOWN, RAW_CONTROL
 
 SECRET = "whsec_chat_test"
 WELCOME = "Welcome to the chat test."
 PROMPT = "you › "
-LONG_STORY = [f" word{index}" for index in range(200)]
-TIMEOUT = 60
+LONG_STORY = [f" word{index}" for index in range(1000)]
+"""50 s of words at 0.05 s each: a busy machine still has plenty of time to cut it short."""
+TIMEOUT = 120
+"""Seconds any one wait may take on a busy machine before it counts as a hang."""
 
 
 # --- The server, its LLM and the chat process -------------------------------------------------------
@@ -68,7 +73,7 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def server(fake_llm: FakeOpenAI, store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     cwd = tmp_path_factory.mktemp("chat-server")
     env = server_env(fake_llm, cwd / "data", secret=SECRET, welcome=WELCOME, store_url=store_url)
-    with ServerProcess(env, cwd=cwd) as process:
+    with ServerProcess(env, cwd=cwd, startup_timeout=TIMEOUT) as process:
         yield process
     assert "Traceback" not in process.log
 
@@ -111,6 +116,11 @@ class Terminal:
     def finish(self) -> int:
         """Wait for the process to exit and return its exit status."""
         self.child.expect(pexpect.EOF)
+        # The terminal closes a moment before the process is gone; `close()` would signal it if still alive.
+        deadline = time.monotonic() + TIMEOUT
+        while self.child.isalive():
+            assert time.monotonic() < deadline, "the chat closed its terminal but did not exit"
+            time.sleep(0.05)
         self.child.close()
         assert "Traceback" not in self.shown, self.shown
         status = self.child.exitstatus
@@ -118,8 +128,9 @@ class Terminal:
         return status
 
     def stop(self) -> None:
-        if self.child.isalive():
-            self.child.terminate(force=True)
+        """Stop the process if it still runs, and close the terminal."""
+        if not self.child.closed:
+            self.child.close(force=True)
 
 
 @pytest.fixture
@@ -135,6 +146,19 @@ def chat(terminals: list[Terminal], tmp_path: Path, *args: str) -> Terminal:
     terminal = Terminal(list(args), tmp_path)
     terminals.append(terminal)
     return terminal
+
+
+def piped(tmp_path: Path, args: list[str], said: str, env: dict[str, str] | None = None) -> CompletedProcess[str]:
+    """`layercode-agent chat ARGS` with `said` piped to it, run to its end."""
+    return subprocess.run(
+        [*command(), "chat", *args],
+        input=said,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=child_env() if env is None else env,
+        timeout=TIMEOUT,
+    )
 
 
 def new_conversation() -> str:
@@ -306,14 +330,10 @@ def test_ctrl_c_stops_a_reply_then_ends_the_session_at_the_prompt(
 @pytest.mark.slow
 def test_piped_input_waits_for_each_reply(server: ServerProcess, store_url: str, tmp_path: Path) -> None:
     conversation = new_conversation()
-    done = subprocess.run(
-        [*command(), "chat", "--url", server.url, "--secret", SECRET, "--conversation-id", conversation],
-        input="Hello!\nWhat time is it?\n",
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=child_env(),
-        timeout=TIMEOUT,
+    done = piped(
+        tmp_path,
+        ["--url", server.url, "--secret", SECRET, "--conversation-id", conversation],
+        "Hello!\nWhat time is it?\n",
     )
     assert done.returncode == 0, done.stderr
     assert "interrupted" not in done.stdout
@@ -321,6 +341,74 @@ def test_piped_input_waits_for_each_reply(server: ServerProcess, store_url: str,
     assert "It is noon." in done.stdout
     assert "\x1b[" not in done.stdout  # No colour when not writing to a terminal.
     assert [text for _, text in transcript(store_url, conversation)][:3] == [WELCOME, "Hello!", "Sure, go ahead."]
+
+
+def test_what_a_backend_sends_never_drives_the_terminal(odd_backend: str, tmp_path: Path) -> None:
+    done = piped(tmp_path, ["--url", f"{odd_backend}/api/agent", "--secret", ODD_SECRET], "Hello \x1b[2J there\n")
+    assert done.returncode == 0, done.stderr
+    assert RAW_CONTROL.search(done.stdout) is None, repr(done.stdout)
+    assert f"agent › {ODD_SHOWN}\n" in done.stdout, done.stdout
+    assert r'data {"odd": "\u001b[2J\u202e"}' in done.stdout
+    assert r"response.error: \x1b]0;owned\x07" in done.stdout
+    assert f"{PROMPT}Hello \\x1b[2J there\n" in done.stdout  # even what was piped in is shown escaped
+
+
+def test_an_error_body_never_drives_the_terminal(odd_backend: str, tmp_path: Path) -> None:
+    done = piped(tmp_path, ["--url", f"{odd_backend}/refuse", "--secret", ODD_SECRET], "")
+    assert done.returncode == 1
+    assert RAW_CONTROL.search(done.stdout + done.stderr) is None, repr(done.stderr)
+    assert r"401: invalid signature" in done.stderr and r"(\x1b]0;owned\x07bad \x9b2J)" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("way", "source"),
+    [
+        ("--secret-file", "--secret-file secret.txt"),
+        ("--secret-file -", "standard input"),
+        ("--secret -", "standard input"),
+        ("environment", "LAYERCODE_WEBHOOK_SECRET"),
+        (".env", "LAYERCODE_WEBHOOK_SECRET"),
+    ],
+)
+def test_the_secret_can_stay_off_the_command_line(
+    server: ServerProcess, store_url: str, tmp_path: Path, way: str, source: str
+) -> None:
+    conversation = new_conversation()
+    args, env, said = ["--url", server.url, "--conversation-id", conversation], child_env(), "Hello!\n"
+    if way == "--secret-file":
+        (tmp_path / "secret.txt").write_text(f"{SECRET}\n")
+        args += ["--secret-file", "secret.txt"]
+    elif way.endswith(" -"):
+        args += way.split()
+        said = f"{SECRET}\n{said}"  # The first line is the secret, the rest the conversation.
+    elif way == "environment":
+        env["LAYERCODE_WEBHOOK_SECRET"] = SECRET
+    else:
+        (tmp_path / ".env").write_text(f"LAYERCODE_WEBHOOK_SECRET={SECRET}\n")
+    done = piped(tmp_path, args, said, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"signed with {source}" in done.stdout
+    assert SECRET not in done.stdout + done.stderr
+    assert [text for _, text in transcript(store_url, conversation)] == [WELCOME, "Hello!", "Sure, go ahead."]
+
+
+@pytest.mark.slow
+def test_the_secret_can_be_typed_without_echo(
+    server: ServerProcess, store_url: str, terminals: list[Terminal], tmp_path: Path
+) -> None:
+    conversation = new_conversation()
+    term = chat(terminals, tmp_path, "--url", server.url, "--secret", "-", "--conversation-id", conversation)
+    term.expect("Webhook secret: ")
+    term.say(SECRET)
+    term.expect(f"agent › {WELCOME}")
+    term.prompt()
+    term.child.sendeof()
+    term.expect("Session ended")
+    assert term.finish() == 0
+    assert SECRET not in term.shown, "the terminal did not echo the secret"
+    assert "signed with standard input" in term.shown
+    assert [text for _, text in transcript(store_url, conversation)] == [WELCOME]
 
 
 @pytest.mark.slow

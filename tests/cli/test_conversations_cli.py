@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pydantic_ai.conversation import Conversation
+from pydantic_ai.messages import ModelRequest, ModelResponse, ToolCallPart, ToolReturnPart
 
 from layercode_agent.cli import conversations as conversations_cli
 from layercode_agent.cli import main
@@ -18,6 +19,7 @@ from layercode_agent.conversations import ConversationDetail
 from layercode_agent.stores import SQLiteStore
 
 from ..test_conversations import reply, sample_messages, user
+from .hostile import RAW_CONTROL
 
 CONVERSATION = "lc_conv_0123456789abcdef"
 OTHER = "lc_conv_other"
@@ -184,3 +186,110 @@ def test_the_cli_starts_without_loading_the_store_or_pydantic_ai() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --- Caller text never drives the terminal ------------------------------------------------------------
+
+# What a caller (or a model it talked into it) can put in stored text: OSC 0 sets the window title, CSI 2J
+# clears the screen, a lone CR overwrites what is before it, U+009B is the one-byte CSI of 8-bit terminals,
+# U+202E reverses the rest of the line (Trojan Source), DEL and NUL, and Rich markup.
+TITLE, TITLE_SHOWN = "\x1b]0;x\x07", r"\x1b]0;x\x07"
+CLEAR, CLEAR_SHOWN = "\x1b[2J", r"\x1b[2J"
+HOSTILE_TEXT = f"{TITLE}hi{CLEAR}\r\x9b1m\u202eab\x7f\x00[red]x[/]"
+HOSTILE_SHOWN = rf"{TITLE_SHOWN}hi{CLEAR_SHOWN}\r\x9b1m\u202eab\x7f\x00[red]x[/]"
+HOSTILE_ID, HOSTILE_ID_SHOWN = f"c\n{CLEAR}", rf"c\n{CLEAR_SHOWN}"
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A store whose every caller-controlled field carries terminal escapes."""
+    path = tmp_path / "hostile.db"
+    tool = {"turn_id": f"turn{CLEAR}", "role": "tool"}
+    messages = [
+        user(f"turn{CLEAR}", HOSTILE_TEXT),
+        ModelResponse(parts=[ToolCallPart(f"tool{TITLE}", {"city": "x"}, tool_call_id="call_1")], metadata=tool),
+        ModelRequest(parts=[ToolReturnPart(f"tool{TITLE}", f"result{CLEAR}", tool_call_id="call_1")], metadata=tool),
+        reply(f"turn{CLEAR}", f"reply {HOSTILE_TEXT}\nsecond line", "completed"),
+        user("turn_2", "heard?"),
+        reply(
+            "turn_2",
+            f"heard {HOSTILE_TEXT}",
+            "interrupted",
+            text_sent=f"sent {HOSTILE_TEXT}",
+            text_heard=f"heard {HOSTILE_TEXT}",
+        ),
+        user("turn_3", f"{TITLE}\n[b]hi"),
+    ]
+
+    async def write() -> None:
+        async with SQLiteStore(path) as store:
+            await store.save(Conversation(conversation_id=HOSTILE_ID, messages=messages))
+            await store.add_session_event(
+                HOSTILE_ID,
+                "session.update",
+                {"type": "session.update", "recording_status": f"done{CLEAR}", "recording_url": f"https://x/{TITLE}"},
+                session_id=f"sess{TITLE}",
+            )
+
+    asyncio.run(write())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONVERSATION_STORE", f"sqlite:///{path}")
+    return path
+
+
+def test_show_escapes_control_characters_and_markup(hostile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conversations", "show", HOSTILE_ID]) == 0
+    out = capsys.readouterr().out
+    assert RAW_CONTROL.search(out) is None, repr(out)
+    for expected in [
+        f"Conversation {HOSTILE_ID_SHOWN}",
+        f"turn{CLEAR_SHOWN}",
+        f"caller  {HOSTILE_SHOWN}",  # the markup in the caller's words shows as typed
+        f"tool{TITLE_SHOWN}(",
+        f"-> result{CLEAR_SHOWN}",
+        f"reply {HOSTILE_SHOWN}",
+        f"heard   heard {HOSTILE_SHOWN}",
+        f"sent    sent {HOSTILE_SHOWN}",
+        f"sess{TITLE_SHOWN}",
+        f"Recording: done{CLEAR_SHOWN} https://x/{TITLE_SHOWN}",
+        "[b]hi",
+    ]:
+        assert expected in out, (expected, out)
+    # A reply's own lines stay lines; only ids and other one-line fields show a newline as \n.
+    assert f"reply {HOSTILE_SHOWN}\n" in out and "second line" in out
+
+
+def test_list_escapes_control_characters(hostile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conversations", "list"]) == 0
+    out = capsys.readouterr().out
+    assert RAW_CONTROL.search(out) is None, repr(out)
+    assert HOSTILE_ID_SHOWN in out and f"{TITLE_SHOWN} [b]hi" in out
+    assert len(out.splitlines()) == 3, out  # the header, one line for the conversation, the footer
+
+
+@pytest.mark.parametrize("command", [["list", "--json"], ["show", HOSTILE_ID, "--json"]])
+def test_json_escapes_control_characters_and_keeps_the_text(
+    hostile: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    assert main(["conversations", *command]) == 0
+    out = capsys.readouterr().out
+    assert RAW_CONTROL.search(out) is None, repr(out)
+    # JSON's own \u escapes: the value read back is exactly what was stored.
+    value = json.loads(out)
+    if command[0] == "list":
+        assert value[0]["conversation_id"] == HOSTILE_ID
+    else:
+        detail = ConversationDetail.model_validate(value)
+        assert detail.conversation_id == HOSTILE_ID
+        assert detail.turns[0].user_text == HOSTILE_TEXT
+        assert detail.turns[1].text_heard == f"heard {HOSTILE_TEXT}"
+
+
+def test_messages_about_an_id_escape_it(hostile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conversations", "show", f"x{TITLE}"]) == 1
+    assert main(["conversations", "delete", f"x{TITLE}", "--yes"]) == 1
+    assert main(["conversations", "delete", HOSTILE_ID]) == 1  # no terminal to confirm on
+    assert main(["conversations", "delete", HOSTILE_ID, "--yes"]) == 0
+    captured = capsys.readouterr()
+    assert RAW_CONTROL.search(captured.out + captured.err) is None, repr(captured)
+    assert f"x{TITLE_SHOWN}" in captured.err and HOSTILE_ID_SHOWN in captured.out

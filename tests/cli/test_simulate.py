@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from layercode_agent.simulate import (
 )
 
 from ..fakes.net import free_port
+from .hostile import ODD_SECRET, RAW_CONTROL
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "scenarios"
 
@@ -265,3 +268,35 @@ def test_junit_report_is_valid_xml_with_one_case_per_scenario() -> None:
         "step 2 (data {}) [no answer] FAILED: request failed: ConnectError",
         "    ''",
     ]
+
+
+def test_what_a_backend_sends_never_drives_the_terminal(
+    odd_backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = write(tmp_path, "name: odd\nsteps: [{say: hi}]\n")
+    assert main(["simulate", str(scenario), "--url", f"{odd_backend}/no-end", "--secret", ODD_SECRET]) == 1
+    captured = capsys.readouterr()
+    assert RAW_CONTROL.search(captured.out + captured.err) is None, repr(captured.out)
+    assert r"the stream ended without response.end (events: \x1b]0;owned\x07)" in " ".join(captured.out.split())
+
+
+@pytest.mark.parametrize("way", ["--secret-file", "--secret-file -", "--secret -", "environment"])
+def test_the_secret_can_stay_off_the_command_line(
+    odd_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], way: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LAYERCODE_WEBHOOK_SECRET", raising=False)
+    scenario = write(tmp_path, "name: signed\nsteps: [{say: hi}]\n")
+    args = ["simulate", str(scenario), "--url", f"{odd_backend}/api/agent"]
+    if way == "--secret-file":
+        (tmp_path / "secret").write_text(ODD_SECRET + "\n")
+        args += ["--secret-file", "secret"]
+    elif way.endswith(" -"):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{ODD_SECRET}\n".encode())))
+        args += way.split()
+    else:
+        monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", ODD_SECRET)
+    assert main(args) == 0, capsys.readouterr().out
+    # The backend refuses any other secret.
+    monkeypatch.setenv("LAYERCODE_WEBHOOK_SECRET", "whsec_wrong")
+    assert main(["simulate", str(scenario), "--url", f"{odd_backend}/api/agent"]) == 1

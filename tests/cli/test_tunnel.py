@@ -10,18 +10,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from layercode_agent.cli import main
+from layercode_agent.cli import tunnel as tunnel_cli
 
 from ..fakes.net import free_port
 
 FAKE_NPX = """#!{python}
 # Stands in for `npx`: records its arguments, prints a line, then exits with FAKE_NPX_EXIT,
-# or with FAKE_NPX_WAIT set runs until interrupted (like the real tunnel) and records that.
+# or with FAKE_NPX_WAIT set runs until interrupted (like the real tunnel) and records that:
+# RECORD.ready (holding its PID) once a SIGINT would be caught, RECORD.stopped when one was.
 import json, os, sys, time
 record = os.environ["FAKE_NPX_RECORD"]
 with open(record, "w") as file:
@@ -29,13 +33,24 @@ with open(record, "w") as file:
 print("fake layercode tunnel running", flush=True)
 if os.environ.get("FAKE_NPX_WAIT"):
     try:
-        time.sleep(60)
+        with open(record + ".ready.tmp", "w") as file:
+            file.write(str(os.getpid()))
+        os.replace(record + ".ready.tmp", record + ".ready")
+        time.sleep(120)
     except KeyboardInterrupt:
         with open(record + ".stopped", "w") as file:
             file.write("SIGINT")
         sys.exit(0)
 sys.exit(int(os.environ.get("FAKE_NPX_EXIT", "0")))
 """
+DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+"""Runs its arguments with SIGINT at its default, as in a terminal's foreground: a job started in the
+background by a shell without job control (`make test &` in a script) inherits SIGINT ignored, and a
+Python started that way never raises KeyboardInterrupt."""
+DEADLINE = 120.0
+"""Seconds any one wait of these tests may take on a busy machine before it counts as a hang."""
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -163,28 +178,69 @@ def test_a_path_must_start_with_a_slash(record: Path, health_port: int, capfd: p
 
 def test_ctrl_c_stops_the_tunnel_cleanly(record: Path, health_port: int, tmp_path: Path) -> None:
     env = {**os.environ, "FAKE_NPX_WAIT": "1"}
+    ready = Path(f"{record}.ready")
+    cli = [sys.executable, "-m", "layercode_agent", "tunnel", "--agent-id", "ag_1", "--port", str(health_port)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "layercode_agent", "tunnel", "--agent-id", "ag_1", "--port", str(health_port)],
+        [sys.executable, "-c", DEFAULT_SIGINT, *cli],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    stopped = False
     try:
-        deadline = time.monotonic() + 30
-        while not record.exists():
+        deadline = time.monotonic() + DEADLINE
+        while not ready.exists():  # The stand-in will catch a SIGINT from here on.
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the tunnel never started"
             time.sleep(0.05)
-        time.sleep(0.2)  # let the stand-in reach its wait
         process.send_signal(signal.SIGINT)  # only to our process, as a test can (a terminal signals both)
-        out, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=DEADLINE)
+        stopped = True
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _reap(process, child=None if stopped or not ready.exists() else int(ready.read_text()))
     assert process.returncode == 130, err
     assert "Tunnel stopped." in err and "Traceback" not in err
     assert "fake layercode tunnel running" in out
     assert Path(f"{record}.stopped").read_text() == "SIGINT", "the child was asked to stop, not killed"
+
+
+def test_ctrl_c_while_the_child_starts_still_stops_it(
+    record: Path, health_port: int, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The SIGINT lands inside `Popen`, after the child exists but before the CLI waits for it.
+    monkeypatch.setenv("FAKE_NPX_WAIT", "1")
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def popen_then_sigint(argv: list[str]) -> subprocess.Popen[bytes]:
+        started.append(popen(argv))
+        signal.raise_signal(signal.SIGINT)
+        return started[-1]
+
+    monkeypatch.setattr(tunnel_cli.subprocess, "Popen", popen_then_sigint)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even when pytest runs with it ignored
+    try:
+        code = main(["tunnel", "--agent-id", "ag_1", "--port", str(health_port)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for process in started:
+            _reap(process)
+    assert code == 130
+    assert "Tunnel stopped." in capfd.readouterr().err
+    [process] = started
+    assert process.returncode is not None, "the child was stopped and reaped, not left running"
+
+
+def _reap(process: subprocess.Popen[Any], *, child: int | None = None) -> None:
+    """Make sure `process` (and, when given, the stand-in it started) is gone, and close its pipes."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=DEADLINE)
+    if child is not None:  # The CLI did not stop it: it runs on, holding our pipes.
+        with suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()

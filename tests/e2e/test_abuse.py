@@ -48,7 +48,7 @@ def _stored_rows(tmp_path: Path) -> int:
 ENTRY_TABLES = ("entries", "records", "session_events")
 
 
-async def _raw_exchange(port: int, chunks: list[tuple[bytes, float]], *, read_for: float = 5.0) -> tuple[bytes, float]:
+async def _raw_exchange(port: int, chunks: list[tuple[bytes, float]], *, read_for: float = 30.0) -> tuple[bytes, float]:
     """Send `chunks` (bytes, then a pause) over a raw connection; return what came back and when it was closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.monotonic()
@@ -100,20 +100,19 @@ async def test_a_flood_of_forged_webhooks_costs_no_llm_call_and_no_store_write(
 
 
 async def test_an_unsigned_webhook_is_refused_before_its_body_is_read(tmp_path: Path, fake_llm: FakeOpenAI) -> None:
-    with ServerProcess(_env(fake_llm, tmp_path, REQUEST_READ_TIMEOUT="5"), cwd=tmp_path) as server:
+    # The read deadline is far beyond the wait below: a 401 (rather than a 408, or nothing) can only come
+    # from a server that answered without waiting for the body, however busy the machine is.
+    with ServerProcess(_env(fake_llm, tmp_path, REQUEST_READ_TIMEOUT="120"), cwd=tmp_path) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         try:
             # Announce a large body and send none of it: the answer must not wait for it.
             writer.write(b"POST /api/agent HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500000\r\n\r\n")
             await writer.drain()
-            started = time.monotonic()
-            answer = await asyncio.wait_for(reader.read(4096), 4.0)
-            took = time.monotonic() - started
+            answer = await asyncio.wait_for(reader.read(4096), 60.0)
         finally:
             writer.close()
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
     assert b"missing layercode-signature header" in answer
-    assert took < 2.0, took
     assert fake_llm.received == []
 
 
@@ -181,7 +180,8 @@ async def test_a_slow_client_cannot_hold_a_connection(tmp_path: Path, fake_llm: 
         log = server.log
     for answer, took in results:
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-        assert 0.8 < took < 4.0, took
+        # Never before the 1 s deadline; the upper bound only says the connection did not stay open for good.
+        assert 0.8 < took < 30.0, took
     assert health.status_code == 200
     assert "request head took over 1 s" in log and "request body took over 1 s" in log
 

@@ -23,6 +23,7 @@ from layercode_agent.protocol import SSEParser
 
 from ..fakes.history import Row, dialogue, session_events, stored
 from ..fakes.openai_server import FakeOpenAI, Received, Reply
+from ..fakes.redis_server import RedisServer
 from ..fakes.server_process import ServerProcess, server_env, sqlite_url
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -539,3 +540,187 @@ async def test_sigkill_mid_stream_leaves_a_turn_the_next_server_closes(
     assert rows[2].brief == user("Hello? Are you there?", second["turn_id"])
     assert rows[3].brief == assistant("completed", "Yes, I am back.", second["turn_id"])
     assert_clean_log(log)
+
+
+# --- 7. Replays never touch the turn streaming, nor take the slot the next turn needs -------------------
+
+
+async def attempt(http: httpx.AsyncClient, url: str, raw: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    """POST exact bytes and headers; the status and whatever was spoken (a refusal speaks nothing)."""
+    async with http.stream("POST", url, content=raw, headers=headers) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response.status_code, ""
+        parser = SSEParser()
+        events = [event async for chunk in response.aiter_raw() for event in parser.feed(chunk)]
+    assert_one_clean_end(events)
+    return 200, tts_text(events)
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("servers", ["one server on SQLite", "two servers sharing Redis"])
+async def test_replayed_webhooks_never_cut_the_reply_streaming(
+    tmp_path: Path, fake_llm: FakeOpenAI, servers: str, request: pytest.FixtureRequest
+) -> None:
+    slow = ["Slowly", *(f" slow{index}" for index in range(40))]
+    fake_llm.script(Reply(tokens=["Earlier", " reply."]), Reply(tokens=slow, token_delay=0.1))
+    shared = servers.startswith("two")
+    store_url = str(request.getfixturevalue("redis_url")) if shared else sqlite_url(tmp_path / "data")
+    env = server_env(fake_llm, tmp_path / "data", secret=SECRET, welcome="Welcome aboard.", store_url=store_url)
+    with ExitStack() as stack:
+        a = stack.enter_context(ServerProcess(env, cwd=tmp_path))
+        b = stack.enter_context(ServerProcess(env, cwd=tmp_path)) if shared else a
+        async with httpx.AsyncClient(timeout=60) as http:
+            client = WebhookClient(a.url, SECRET, http=http)
+            start_body = client.body("session.start")
+            start = signed_delivery(client, start_body)
+            earlier_body = client.body("message", text="Say something short.")
+            earlier = signed_delivery(client, earlier_body)
+            streaming_body = client.body("message", text="Now say something long.")
+            welcome = await deliver(http, a.url, *start)
+            said_earlier = await deliver(http, a.url, *earlier)
+
+            # While the long reply streams on A, its conversation's earlier webhooks are replayed, signed as
+            # they were and within the signature tolerance, to A or to the other server.
+            spoke = asyncio.Event()
+            async with asyncio.TaskGroup() as group:
+                long_reply = group.create_task(
+                    deliver(http, a.url, *signed_delivery(client, streaming_body), first_tts=spoke)
+                )
+                await asyncio.wait_for(spoke.wait(), 30)
+                replayed_while = not long_reply.done()
+                replays = [await attempt(http, b.url, *earlier), await attempt(http, b.url, *start)]
+        logs = a.log + (b.log if shared else "")
+
+    assert replayed_while, "the replays came after the long reply ended: this test proved nothing"
+    assert replays == [(200, tts_text(said_earlier)), (200, tts_text(welcome))]
+    assert tts_text(welcome) == "Welcome aboard." and tts_text(said_earlier) == "Earlier reply."
+    streamed = long_reply.result()
+    assert tts_text(streamed) == spoken(slow), "a replay cut the reply streaming"
+    assert_one_clean_end(streamed)
+    assert len(fake_llm.received) == 2
+    rows = await stored(store_url, client.conversation_id)
+    assert briefs(rows) == [
+        assistant("completed", "Welcome aboard.", start_body["turn_id"]),
+        user("Say something short.", earlier_body["turn_id"]),
+        assistant("completed", "Earlier reply.", earlier_body["turn_id"]),
+        user("Now say something long.", streaming_body["turn_id"]),
+        assistant("completed", "".join(slow), streaming_body["turn_id"]),
+    ]
+    assert "superseded" not in logs and "did not close in time" not in logs
+    assert_clean_log(logs)
+
+
+async def test_replays_of_the_reply_streaming_never_take_the_next_turns_stream(
+    tmp_path: Path, fake_llm: FakeOpenAI
+) -> None:
+    slow = ["Slowly", *(f" slow{index}" for index in range(100))]
+    fake_llm.script(Reply(tokens=slow, token_delay=0.1), Reply(tokens=["Next", " turn."]))
+    env = {**integrity_env(fake_llm, tmp_path, sqlite_url(tmp_path / "data")), "MAX_STREAMS_PER_CONVERSATION": "2"}
+    with ServerProcess(env, cwd=tmp_path) as server:
+        async with httpx.AsyncClient(timeout=60) as http:
+            client = WebhookClient(server.url, SECRET, http=http)
+            first_body = client.body("message", text="Tell me everything.")
+            first = signed_delivery(client, first_body)
+            spoke = asyncio.Event()
+            async with asyncio.TaskGroup() as group:
+                streaming = group.create_task(deliver(http, server.url, *first, first_tts=spoke))
+                await asyncio.wait_for(spoke.wait(), 30)
+                # A flood of replays of the delivery now streaming: one may wait for its reply beside it, the
+                # rest are refused; none of them may take the stream the caller's next message needs.
+                flood = [group.create_task(attempt(http, server.url, *first)) for _ in range(6)]
+                for _ in range(3000):
+                    if sum(task.done() for task in flood) >= 5:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = [task.result()[0] for task in flood if task.done()]
+                next_body = client.body("message", text="Stop, next question.")
+                answer = await client.turn(next_body)
+        log = server.log
+
+    assert refused == [429] * 5, refused
+    assert answer.status == 200, answer.body
+    assert answer.text == "Next turn."
+    assert_one_clean_end(answer.events)
+    heard = tts_text(streaming.result())
+    assert_one_clean_end(streaming.result())
+    assert heard and spoken(slow).startswith(heard) and len(heard) < len(spoken(slow))
+    waited = [task.result() for task in flood if task.result()[0] == 200]
+    assert [(status, words(text)) for status, text in waited] == [(200, words(heard))]
+    assert len(fake_llm.received) == 2
+    rows = await stored(sqlite_url(tmp_path / "data"), client.conversation_id)
+    assert briefs(rows) == [
+        user("Tell me everything.", first_body["turn_id"]),
+        assistant("interrupted", heard, first_body["turn_id"]),
+        user("Stop, next question.", next_body["turn_id"]),
+        assistant("completed", "Next turn.", next_body["turn_id"]),
+    ]
+    assert "Traceback" not in log
+
+
+# --- 8. The store goes away while a reply streams -----------------------------------------------------
+
+
+async def logged(server: ServerProcess, line: str, *, within: float = 60) -> bool:
+    """Whether the server logs `line` within `within` seconds (a generous bound: only a failure waits it out)."""
+    deadline = time.monotonic() + within
+    while line not in server.log:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("redis_back", ["while the reply is retried", "after the retries gave up"])
+async def test_a_reply_heard_in_full_during_a_redis_outage_is_kept(
+    tmp_path: Path, fake_llm: FakeOpenAI, redis_back: str
+) -> None:
+    tokens = ["All", *(f" of{index}" for index in range(20))]
+    fake_llm.script(Reply(tokens=tokens, token_delay=0.1), Reply(tokens=["Go", " on."]))
+    retried = redis_back.startswith("while")
+    kept_in = tmp_path / "redis-data"
+    kept_in.mkdir()
+    redis = RedisServer(keep_data_in=kept_in).start()  # A Redis that persists, so a restart loses nothing.
+    try:
+        env = {**integrity_env(fake_llm, tmp_path, redis.url), "STORE_RETRY_SECONDS": "120" if retried else "0.5"}
+        with ServerProcess(env, cwd=tmp_path) as server:
+            async with WebhookClient(server.url, SECRET) as client:
+                first_body = client.body("message", text="Tell me all of it.")
+                events: list[dict[str, Any]] = []
+                async for _, event in client.stream(first_body):
+                    events.append(event)
+                    if types(events).count("response.tts") == 2:
+                        await asyncio.to_thread(redis.stop)  # Redis goes down while the reply streams.
+                failed = await logged(server, "could not store the reply")
+                gave_up = retried or await logged(server, "gave up storing the reply of turn")
+                redis = RedisServer(port=redis.port, keep_data_in=kept_in).start()
+                stored_late = not retried or await logged(server, "stored the reply of turn")
+                second_body = client.body("message", text="And then?")
+                second = await client.turn(second_body)
+            log = server.log
+        rows = await stored(redis.url, client.conversation_id)
+    finally:
+        redis.stop()
+
+    assert tts_text(events) == spoken(tokens), "the caller heard the whole reply"
+    assert_one_clean_end(events)
+    assert failed, log
+    assert second.text == "Go on."
+    assert_one_clean_end(second.events)
+    # The model is told what it said, in full.
+    assert dialogue(fake_llm.received[1]) == [
+        ("user", "Tell me all of it."),
+        ("assistant", "".join(tokens)),
+        ("user", "And then?"),
+    ]
+    assert briefs(rows) == [
+        user("Tell me all of it.", first_body["turn_id"]),
+        assistant("completed", "".join(tokens), first_body["turn_id"]),
+        user("And then?", second_body["turn_id"]),
+        assistant("completed", "Go on.", second_body["turn_id"]),
+    ]
+    assert gave_up and stored_late, log
+    assert "Traceback" not in log

@@ -1,12 +1,15 @@
 """A real `redis-server` on 127.0.0.1, started for the tests and stopped by its own PID.
 
 Not a fake: the store tests prove their promises against the server production uses. It keeps
-nothing on disk (`--save "" --appendonly no`) and runs in its own temporary directory.
+nothing on disk (`--save "" --appendonly no`) and runs in its own temporary directory, unless told to
+keep its data in a directory: then it logs every write to an append-only file there, as a production
+Redis with persistence does, and a server started again on that directory has the data back.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -24,13 +27,23 @@ INSTALL_HINT = (
 class RedisServer:
     """`with RedisServer() as server:`; `server.url` is `redis://127.0.0.1:<port>/0`.
 
-    Pass `port=` to start a new server where a stopped one listened (a restart, as clients see it), and
+    Pass `port=` to start a new server where a stopped one listened (a restart, as clients see it),
     `password=` to require one (`requirepass`); the URL then carries it: `redis://:<password>@127.0.0.1:<port>/0`.
+    Pass `keep_data_in=` a directory to persist the data there (kept after `stop`), so that
+    `RedisServer(port=old.port, keep_data_in=same)` is a restart that lost nothing.
     """
 
-    def __init__(self, *, port: int | None = None, password: str | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        startup_timeout: float = 10.0,
+        keep_data_in: Path | None = None,
+    ) -> None:
         self.port = port if port is not None else free_port()
         self.password = password
+        self.keep_data_in = keep_data_in
         credentials = f":{password}@" if password else ""
         self.url = f"redis://{credentials}127.0.0.1:{self.port}/0"
         self.startup_timeout = startup_timeout
@@ -45,8 +58,13 @@ class RedisServer:
         directory = Path(self._directory.name)
         self._log = (directory / "redis.log").open("ab")
         # redis-server [config options]: each `--name value` pair is a line of redis.conf.
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", str(directory), "--daemonize", "no", "--protected-mode", "yes"]
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if self.keep_data_in is not None:
+            # Every write fsynced before it is acknowledged; the file is replayed when a server starts there.
+            argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.keep_data_in)]
+        else:
+            argv += ["--appendonly", "no", "--dir", str(directory)]
+        argv += ["--daemonize", "no", "--protected-mode", "yes"]
         if self.password:
             argv += ["--requirepass", self.password]
         self.process = subprocess.Popen(argv, cwd=directory, stdout=self._log, stderr=subprocess.STDOUT)
@@ -76,9 +94,20 @@ class RedisServer:
         except OSError:
             return False
 
+    def pause(self) -> None:
+        """Hang the server as a stuck host would (SIGSTOP to its own PID): connections open, nothing answers."""
+        assert self.process is not None and self.process.poll() is None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after 10 s) and remove its directory."""
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # A paused server cannot act on SIGTERM.
             self.process.terminate()
             try:
                 self.process.wait(timeout=10)

@@ -176,3 +176,47 @@ def json_event_bodies(draw: st.DrawFn) -> dict[str, Any]:
         body.pop("conversation_id")
         body.pop("session_id", None)
     return body
+
+
+lone_surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+"""One UTF-16 surrogate: valid in a JSON `\\u` escape, but not Unicode text on its own (it has no UTF-8 encoding)."""
+not_unicode_texts = st.builds(
+    lambda head, surrogate, tail: head + surrogate + tail, st.text(max_size=4), lone_surrogates, st.text(max_size=4)
+)
+"""Text with exactly one lone surrogate (the text around it has none, so it can never pair up)."""
+
+
+def _string_spots(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], bool]]:
+    """Where `value` holds a string: `(path, is_key)` for every string value and every object key, at any depth."""
+    if isinstance(value, str):
+        return [(path, False)]
+    spots: list[tuple[tuple[str | int, ...], bool]] = []
+    if isinstance(value, dict):
+        for key, child in value.items():  # pyright: ignore[reportUnknownVariableType]
+            spots.append(((*path, str(key)), True))  # pyright: ignore[reportUnknownArgumentType]
+            spots += _string_spots(child, (*path, str(key)))  # pyright: ignore[reportUnknownArgumentType]
+    elif isinstance(value, list):
+        for index, child in enumerate(value):  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+            spots += _string_spots(child, (*path, index))
+    return spots
+
+
+@st.composite
+def bodies_with_a_lone_surrogate(draw: st.DrawFn) -> dict[str, Any]:
+    """A body of `json_event_bodies` with one string, value or key at any depth (or a new field), made not Unicode:
+    JSON encoders write it as a `\\udXXX` escape, which decodes to text that cannot be stored, logged or streamed."""
+    body = draw(json_event_bodies())
+    spots = _string_spots(body)
+    bad = draw(not_unicode_texts, label="bad text")
+    if not spots or draw(st.booleans(), label="new field"):
+        body[bad] = draw(json_values, label="new value")
+        return body
+    path, is_key = draw(st.sampled_from(spots), label="spot")
+    parent: Any = body
+    for step in path[:-1]:
+        parent = parent[step]
+    if is_key:
+        parent[bad] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = bad
+    return body

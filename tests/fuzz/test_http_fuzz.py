@@ -20,16 +20,16 @@ from typing import Any, Final
 import anyio
 import httpx
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.models.function import AgentInfo
 
-from layercode_agent.protocol import SIGNATURE_HEADER, PayloadError, parse_event, sign
+from layercode_agent.protocol import SIGNATURE_HEADER, PayloadError, SSEParser, parse_event, sign
 from layercode_agent.stores.memory import MemoryStore
 
 from ..server.conftest import SECRET, App, AppFactory
-from .strategies import almost_valid_headers, genuine_headers, json_event_bodies
+from .strategies import almost_valid_headers, bodies_with_a_lone_surrogate, genuine_headers, json_event_bodies
 
 pytestmark = pytest.mark.anyio
 
@@ -96,6 +96,8 @@ bodies = (
         st.sampled_from(["duration", "latency", "recording_duration", "data", "custom_metadata", "text"]),
         special_numbers | st.dictionaries(st.just("n"), special_numbers, min_size=1),
     )
+    # A lone surrogate (`\ud800`) somewhere: valid JSON, but text no store, log or reply stream can encode.
+    | st.builds(lambda body: json.dumps(body).encode(), bodies_with_a_lone_surrogate())
 )
 
 
@@ -147,6 +149,14 @@ async def test_a_request_without_a_valid_signature_is_a_401_and_nothing_happens(
 
 @HTTP_PROPERTY
 @given(body=bodies, content_type=content_types)
+# Each once broke the stream (no event, no `response.end`) or gave a 500, away from the parser.
+@example(body=b'{"type":"message","conversation_id":"c","turn_id":"t\\ud800","text":"hi"}', content_type=None)
+@example(body=b'{"type":"data","conversation_id":"c\\udc00","data":{}}', content_type="application/json")
+@example(body=b'{"type":"session.end","conversation_id":"c\\ud800"}', content_type="application/json")
+@example(
+    body=b'{"type":"session.end","conversation_id":"c","transcript":[{"role":"user","text":"\\ud83d"}]}',
+    content_type="application/json",
+)
 async def test_a_validly_signed_body_is_answered_as_its_parse_says(
     served: Served, body: bytes, content_type: str | None
 ) -> None:
@@ -164,7 +174,11 @@ async def test_a_validly_signed_body_is_answered_as_its_parse_says(
     event(f"answered {response.status_code}")  # see --hypothesis-show-statistics
     assert response.status_code == expected, response.text
     if expected == 200:
-        return  # A valid event: answered as test_webhook.py describes, the model and the store may be used.
+        # A valid event: answered as test_webhook.py describes, the model and the store may be used; a reply
+        # stream always ends with its `response.end`.
+        if response.headers["content-type"].startswith("text/event-stream"):
+            assert SSEParser().feed(response.content)[-1]["type"] == "response.end"
+        return
     assert response.status_code in (400, 422)
     assert response.json()["error"] == "invalid body"
     assert len(served.llm_calls) == calls

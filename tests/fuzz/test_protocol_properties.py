@@ -38,6 +38,7 @@ from .strategies import (
     MAX_SECONDS,
     RECENT,
     almost_valid_headers,
+    bodies_with_a_lone_surrogate,
     genuine_headers,
     json_event_bodies,
 )
@@ -261,6 +262,18 @@ def test_json_event_bodies_validate_or_fail_with_a_422() -> None:
     check()  # a property defined inside the test, so the test can assert on what its examples reached
     # Every model and the validation errors are reached, not only the JSON decoder.
     assert outcomes == {*(cls.__name__ for cls in EVENT_CLASSES.values()), "UnknownEvent", "invalid"}
+
+
+@PROPERTY
+@given(body=bodies_with_a_lone_surrogate(), as_text=st.booleans())
+def test_a_lone_surrogate_anywhere_in_a_body_is_a_400_that_says_so(body: dict[str, Any], as_text: bool) -> None:
+    # As a JSON encoder writes it (a `\udXXX` escape), or already decoded in text given to the parser.
+    raw: bytes | str = json.dumps(body, ensure_ascii=False) if as_text else json.dumps(body).encode()
+    with pytest.raises(MalformedPayloadError) as info:
+        parse_event(raw)
+    assert_payload_error(info.value)
+    assert "lone surrogate" in info.value.message
+    info.value.message.encode()  # The reason is Unicode text itself: it can be logged and sent back.
 
 
 # --- Found by fuzzing: JSON the decoder itself cannot read (it once escaped as a 500) ------------------------------

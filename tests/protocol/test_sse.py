@@ -58,6 +58,13 @@ def test_non_ascii_kept_as_utf8() -> None:
     assert b"\\u" not in frame
 
 
+def test_text_that_is_not_unicode_is_framed_as_escapes_not_an_error() -> None:
+    # Webhook bodies never get this far with a lone surrogate (the parser refuses them), but a model's text might.
+    frame = encode(TTSResponse(content="Grüße \ud800", turn_id="t"))
+    assert frame == b'data: {"type":"response.tts","content":"Gr\\u00fc\\u00dfe \\ud800","turn_id":"t"}\n\n'
+    assert next(decode_stream([frame]))["content"] == "Grüße \ud800"
+
+
 def test_newlines_in_content_stay_in_one_data_line() -> None:
     frame = encode(TTSResponse(content="line one\n\nline two\r\n", turn_id="t"))
     assert frame.count(b"\n") == 2

@@ -235,6 +235,25 @@ async def test_failed_attempts_use_up_the_allowance_of_their_ip(
     assert api.calls == []
 
 
+async def test_a_store_that_is_down_refuses_no_one_else_and_names_no_address(
+    settings_values: dict[str, Any], api: FakeLayercodeAPI
+) -> None:
+    port = free_port()  # Nothing listens there: every store call fails at once.
+    store = {"conversation_store": f"redis://127.0.0.1:{port}/0", "authorize_rate_limit": "3/hour"}
+    responses = await _post(
+        _configured(api, authorize_token="tok_right", **store),
+        settings_values,
+        [{"json": {}}, {"json": {}, "headers": {"Authorization": "Bearer guess"}}]
+        + [{"json": {}, "headers": {"Authorization": "Bearer tok_right"}}],
+    )
+    # The gate decides first: a refused caller is told so, whether or not its attempt could be counted...
+    assert [response.status_code for response in responses] == [401, 401, 503]
+    # ...and an admitted one, whose allowance the store must check, hears the store is down, not where it is.
+    assert responses[2].json() == {"error": "conversation store unavailable"}
+    assert all(str(port) not in response.text for response in responses)
+    assert api.calls == []
+
+
 async def test_rate_limit_off(settings_values: dict[str, Any], api: FakeLayercodeAPI) -> None:
     responses = await _post(_configured(api, authorize_rate_limit="off"), settings_values, [{"json": {}}] * 12)
     assert {response.status_code for response in responses} == {200}
@@ -290,13 +309,20 @@ async def test_slow_api_is_504(make_app: AppFactory, api: FakeLayercodeAPI) -> N
         (b"[1]", "object"),
         (b'{"metadata": "x"}', "metadata must be a JSON object"),
         (b'{"conversation_id": 5}', "conversation_id must be a string"),
+        # Read by the same parser as the webhook's: too deep for the decoder (once a 500), deeper than it allows,
+        # or text that is not Unicode.
+        (b'{"metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}", "nested too deeply"),
+        (b'{"metadata": {"a": ' + b"[" * 100 + b"]" * 100 + b"}}", "nested too deeply"),
+        (b'{"conversation_id": "c\\ud800"}', "conversation_id: "),
+        (b"\xff", "UTF-8"),
     ],
 )
 async def test_bad_bodies_are_400(make_app: AppFactory, api: FakeLayercodeAPI, body: bytes, fragment: str) -> None:
     async with make_app(**_configured(api)) as app:
         response = await app.http.post("/api/authorize", content=body)
     assert response.status_code == 400
-    assert fragment in response.json()["error"]
+    assert response.json()["error"] == "invalid body"
+    assert fragment in response.json()["reason"]
     assert api.calls == []
 
 

@@ -243,8 +243,25 @@ async def test_bodies_the_page_would_never_send_are_refused(make_app: AppFactory
         not_json = await http.post("/playground/api/agent", content=b"{nope", headers=json_headers)
         not_object = await http.post("/playground/api/agent", json=["message"])
         other_type = await http.post("/playground/api/agent", json=body("session.update"))
-    assert not_json.status_code == 400
-    assert not_object.status_code == 422 and other_type.status_code == 422
+        # Read by the same parser as the webhook's: too deep for the decoder (once a 500), or deeper than it allows.
+        message = json.dumps(body()).encode()[:-1]
+        too_deep = [
+            await http.post(
+                "/playground/api/agent",
+                content=message + b',"metadata":{"a":' + b"[" * depth + b"]" * depth + b"}}",
+                headers=json_headers,
+            )
+            for depth in (5000, 900, 100)
+        ]
+        not_unicode = await http.post(
+            "/playground/api/agent", content=json.dumps(body(turn_id="t\ud800")).encode(), headers=json_headers
+        )
+    assert not_json.status_code == 400 and not_object.status_code == 400
+    assert other_type.status_code == 422
+    for response in too_deep:
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid body" and "nested too deeply" in response.json()["reason"]
+    assert not_unicode.status_code == 400 and not_unicode.json()["reason"].startswith("turn_id: ")
     assert recorder.requests == []
 
 

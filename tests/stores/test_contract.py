@@ -24,7 +24,8 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.usage import RequestUsage, RunUsage
 
-from layercode_agent.stores import AgentStore, MemoryStore, RedisStore, SQLiteStore, memory
+from layercode_agent.protocol import DEFAULT_TOLERANCE
+from layercode_agent.stores import TOMBSTONE_TTL, AgentStore, MemoryStore, RedisStore, SQLiteStore, memory
 
 pytestmark = pytest.mark.anyio
 
@@ -319,6 +320,98 @@ async def test_delete_removes_the_markers_of_the_conversation(store: AgentStore)
         None,
         "kept",
     ]
+
+
+async def test_replace_marker_swaps_only_the_value_it_expects(store: AgentStore) -> None:
+    await store.set_marker("c1", "data:abc", "claimed:dead", ttl=30)
+
+    assert await store.replace_marker("c1", "data:abc", "claimed:other", "claimed:me", ttl=30) is False
+    assert await store.get_markers([("c1", "data:abc")]) == ["claimed:dead"]
+    assert await store.replace_marker("c1", "data:abc", "claimed:dead", "claimed:me", ttl=30) is True
+    assert await store.get_markers([("c1", "data:abc")]) == ["claimed:me"]
+    assert await store.replace_marker("c1", "never-set", "", "x", ttl=30) is False
+    assert await store.get_markers([("c1", "never-set")]) == [None]
+    await store.set_marker("c1", "empty", "", ttl=30)
+    assert await store.replace_marker("c1", "empty", "", "claimed:me", ttl=30) is True
+    with pytest.raises(ValueError, match="ttl"):
+        await store.replace_marker("c1", "data:abc", "claimed:me", "x", ttl=0)
+
+
+async def test_of_concurrent_replacements_of_one_value_exactly_one_wins(store: AgentStore) -> None:
+    await store.set_marker("c1", "data:abc", "claimed:dead", ttl=30)
+
+    won = await asyncio.gather(
+        *(store.replace_marker("c1", "data:abc", "claimed:dead", f"claimed:{index}", ttl=30) for index in range(8))
+    )
+
+    assert won.count(True) == 1
+    assert await store.get_markers([("c1", "data:abc")]) == [f"claimed:{won.index(True)}"]
+
+
+async def test_a_replaced_marker_expires_with_its_new_ttl(store: AgentStore) -> None:
+    await store.set_marker("c1", "claim", "mine", ttl=30)
+    assert await store.replace_marker("c1", "claim", "mine", "mine", ttl=0.2)
+    await asyncio.sleep(0.5)
+    assert await store.get_markers([("c1", "claim")]) == [None]
+    assert await store.replace_marker("c1", "claim", "mine", "mine", ttl=30) is False
+
+
+# --- Tombstones of deleted conversations ---------------------------------------------------------------
+
+
+def delivered(turn_id: str, delivery: str, text: str) -> list[ModelMessage]:
+    """A turn as the turn runner stores it: each message names its turn, the caller's words the body's digest."""
+    return [
+        ModelRequest(parts=[UserPromptPart(content=text)], metadata={"turn_id": turn_id, "delivery": delivery}),
+        ModelResponse(parts=[TextPart(content="Noted.")], metadata={"turn_id": turn_id, "role": "assistant"}),
+    ]
+
+
+async def test_a_deleted_conversation_remembers_what_its_deliveries_were_known_by(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=delivered("turn-1", "digest-1", "My secret.")))
+    await store.set_marker("c1", "data:digest-2", '{"status": "ok"}', ttl=30)
+    await store.add_session_event("c2", "session.end", {"type": "session.end"})  # No messages, only an event.
+    await store.set_marker("c2", "event:digest-3", "1", ttl=30)
+
+    await store.delete("c1")
+    await store.delete("c2")
+
+    assert await store.load("c1") is None and await store.session_events("c2") == []
+    assert await store.deleted_with("c1", ["turn-1"])
+    assert await store.deleted_with("c1", ["digest-1"])
+    assert await store.deleted_with("c1", ["something else", "data:digest-2"])
+    assert await store.deleted_with("c2", ["event:digest-3"])
+    assert not await store.deleted_with("c1", ["turn-2", "digest-9", "data:digest-9"])
+    assert not await store.deleted_with("c3", ["turn-1", "digest-1"])  # Another conversation's own names.
+    # Names only: nothing that was said or answered is kept.
+    (tombstone,) = await store.get_markers([("", "deleted:c1")])
+    assert tombstone is not None and "secret" not in tombstone and "status" not in tombstone
+
+
+async def test_deleting_a_reopened_conversation_keeps_the_earlier_tombstone(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=delivered("turn-1", "digest-1", "First.")))
+    await store.delete("c1")
+    await store.save(Conversation(conversation_id="c1", messages=delivered("turn-2", "digest-2", "Second.")))
+    await store.delete("c1")
+
+    assert await store.deleted_with("c1", ["turn-1"])
+    assert await store.deleted_with("c1", ["digest-2"])
+
+
+async def test_nothing_is_remembered_of_a_conversation_a_delete_left_alone(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=delivered("turn-1", "digest-1", "Hi.")), scope="a")
+
+    await store.delete("c1", scope="b")
+    await store.delete("never-stored")
+
+    assert await store.load("c1") is not None
+    assert not await store.deleted_with("c1", ["turn-1", "digest-1"])
+    assert not await store.deleted_with("never-stored", [""])
+
+
+def test_a_tombstone_outlives_every_signature_a_deleted_delivery_carried() -> None:
+    # Accepted up to the tolerance ahead of our clock, a signature verifies for twice the tolerance after it came.
+    assert TOMBSTONE_TTL == 2 * DEFAULT_TOLERANCE
 
 
 # --- Replacing the newest messages (a turn's placeholder becoming its reply) --------------------------

@@ -14,7 +14,7 @@ from pydantic_ai.conversation_store import ConversationConflict, ConversationEnt
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 from redis.asyncio import Redis
 
-from layercode_agent.stores import RedisStore, StoreError, StoreUnavailableError, open_store
+from layercode_agent.stores import TOMBSTONE_TTL, RedisStore, StoreError, StoreUnavailableError, open_store
 
 from ..fakes.net import free_port
 from ..fakes.redis_server import RedisServer
@@ -246,7 +246,10 @@ async def test_deleting_every_conversation_leaves_no_key_behind(store: RedisStor
     assert fork is not None and prompts(fork) == ["one", "two", "three"]
     await store.delete("fork")
 
-    assert await keys(raw, store.prefix) == set()
+    # Only the tombstone of the fork's delivery claim is left, and it expires with the signature window.
+    tombstone = f"{store.prefix}marker:0::deleted:fork"
+    assert await keys(raw, store.prefix) == {tombstone, f"{store.prefix}conversation::markers"}
+    assert 0 < await pttl(raw, tombstone) <= TOMBSTONE_TTL * 1000
 
 
 async def test_ids_and_scopes_with_any_characters_round_trip(store: RedisStore, raw: Redis) -> None:
@@ -376,6 +379,17 @@ async def test_open_store_parses_prefix_ttl_and_passes_other_options_to_redis_py
         assert (options["socket_timeout"], options["socket_connect_timeout"], options["db"]) == (2.0, 5.0, 2)
         assert options["password"] == "hunter2"
         assert "prefix" not in options and "ttl" not in options
+
+
+async def test_the_store_timeout_sets_both_socket_timeouts_unless_the_url_does() -> None:
+    async with open_store("redis://127.0.0.1:6390/0", timeout=1.5) as store:
+        assert isinstance(store, RedisStore)
+        options = store._client.connection_pool.connection_kwargs
+        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (1.5, 1.5)
+    async with open_store("redis://127.0.0.1:6390/0?socket_timeout=2", timeout=1.5) as store:
+        assert isinstance(store, RedisStore)
+        options = store._client.connection_pool.connection_kwargs
+        assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2.0, 1.5)
 
 
 @pytest.mark.parametrize(

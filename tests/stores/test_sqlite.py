@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
+import stat
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -25,6 +27,7 @@ from layercode_agent.stores import (
 )
 from layercode_agent.stores.sqlite import SCHEMA_VERSION
 
+from ..fakes.stalled_disk import hit_path, stalling_connect
 from .sharing import assert_one_allowance
 
 pytestmark = pytest.mark.anyio
@@ -399,3 +402,135 @@ async def test_a_held_write_lock_makes_an_allowance_unavailable(db_path: Path) -
             blocker.close()
 
         assert await store.take_allowance("k", count=1, period=60) == 0.0  # Nothing was taken while locked.
+
+
+# --- Deadlines: a stalled disk --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A flag file: while it exists, statements of connections opened from now on naming its text block."""
+    flag = tmp_path / "stall"
+    monkeypatch.setattr(sqlite3, "connect", stalling_connect(flag))
+    try:
+        yield flag
+    finally:
+        flag.unlink(missing_ok=True)  # Thaw, so no worker thread is left blocked.
+
+
+async def wait_until_stalled(flag: Path) -> None:
+    with anyio.fail_after(60):
+        while True:
+            if await anyio.Path(hit_path(flag)).exists():
+                return
+            await anyio.sleep(0.01)
+
+
+async def test_a_stalled_call_gives_up_at_its_deadline_and_others_go_on(db_path: Path, stall: Path) -> None:
+    async with SQLiteStore(db_path, timeout=0.5) as store:
+        one = exchange("one")
+        await store.save(Conversation(conversation_id="stalled", messages=one))
+        await anyio.Path(stall).write_text("stalled")
+        with anyio.fail_after(60), pytest.raises(StoreUnavailableError, match=r"did not answer within 0\.5 s"):
+            await store.load("stalled")
+        assert await anyio.Path(stall).exists()  # Still stuck: the deadline ended the call, not the disk.
+
+        # The stuck call holds one connection and thread; other conversations read and write meanwhile.
+        messages = exchange("two")
+        await store.save(Conversation(conversation_id="other", messages=messages))
+        other = await store.load("other")
+        assert other is not None and other.messages == messages
+
+        await anyio.Path(stall).unlink()
+        loaded = await store.load("stalled")
+        assert loaded is not None and loaded.messages == one
+
+
+async def test_a_write_stalled_past_its_deadline_rolls_back_and_blocks_nobody_for_longer(
+    db_path: Path, stall: Path
+) -> None:
+    async with SQLiteStore(db_path, timeout=0.5) as store:
+        # Only the rows of this message name it, so the stall is inside the write transaction.
+        await anyio.Path(stall).write_text("never stored")
+        with anyio.fail_after(60), pytest.raises(StoreUnavailableError, match="did not answer"):
+            await store.save(Conversation(conversation_id="stalled", messages=exchange("never stored")))
+        await wait_until_stalled(stall)  # Stuck inside its transaction, holding the write lock.
+
+        # Another conversation's write waits for that lock only until its own deadline.
+        with anyio.fail_after(60), pytest.raises(StoreUnavailableError):
+            await store.save(Conversation(conversation_id="other", messages=exchange("two")))
+        assert await store.load("other") is None  # Reads go on, and nothing was half-written.
+
+        await anyio.Path(stall).unlink()  # The stuck write finishes, after its caller gave up: it must not commit.
+        again = exchange("again")
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    await store.save(Conversation(conversation_id="stalled", messages=again))
+                    break
+                except StoreUnavailableError:  # The stuck write still holds the lock: wait for it.
+                    await anyio.sleep(0.05)
+        loaded = await store.load("stalled")
+        assert loaded is not None and loaded.messages == again
+    assert count_entries(db_path) == 2  # The rolled-back write left no entry behind.
+
+
+async def test_ping_writes_and_fails_while_the_disk_is_stalled(db_path: Path, stall: Path) -> None:
+    async with SQLiteStore(db_path, timeout=0.5) as store:
+        await store.ping()
+        await anyio.Path(stall).write_text("*")
+        with anyio.fail_after(60), pytest.raises(StoreUnavailableError):
+            await store.ping()
+        await anyio.Path(stall).unlink()
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    await store.ping()
+                    break
+                except StoreUnavailableError:
+                    await anyio.sleep(0.05)
+
+
+async def test_ping_fails_while_another_process_holds_the_write_lock(db_path: Path) -> None:
+    async with SQLiteStore(db_path, timeout=0.5) as store:
+        await store.ping()
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            with anyio.fail_after(60), pytest.raises(StoreUnavailableError):
+                await store.ping()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        await store.ping()
+
+
+# --- File modes ---------------------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_folder_and_the_database_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "conversations.db"
+    previous = os.umask(0o022)  # The common default, which would leave them readable by everyone.
+    try:
+        async with SQLiteStore(path) as store:
+            await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
+            files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+            assert [mode(file) for file in files] == [0o600, 0o600, 0o600]
+    finally:
+        os.umask(previous)
+    assert mode(path.parent) == 0o700
+    assert mode(path) == 0o600
+
+
+async def test_an_existing_folder_keeps_its_mode(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o750)
+    folder.chmod(0o750)
+    async with SQLiteStore(folder / "conversations.db"):
+        pass
+    assert mode(folder) == 0o750
+    assert mode(folder / "conversations.db") == 0o600

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
 from .. import __version__
-from ..config import get_settings, resolve_webhook_secrets
+from ..config import DevSecretError, get_settings
 from . import conversations
 from . import simulate as simulate_command
 from . import tunnel as tunnel_command
+from ._secret import SECRET_FILE_HELP, SECRET_HELP, reads_stdin, signing_secret
 
 __all__ = ["app", "main", "run"]
 
@@ -75,32 +76,27 @@ def sign(
         str | None, typer.Argument(help="The exact request body to sign; '-' or omitted reads standard input.")
     ] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the body from this file.")] = None,
-    secret: Annotated[
-        str | None,
-        typer.Option(help="Secret to sign with (default LAYERCODE_WEBHOOK_SECRET or the development secret)."),
-    ] = None,
+    secret: Annotated[str | None, typer.Option(help=SECRET_HELP)] = None,
+    secret_file: Annotated[Path | None, typer.Option(help=SECRET_FILE_HELP)] = None,
     timestamp: Annotated[int | None, typer.Option(help="Unix time to sign at (default now).")] = None,
 ) -> None:
     """Print a valid `layercode-signature` header value for a body, e.g. for curl."""
     from ..protocol import sign as sign_body
 
+    body_from_stdin = file is None and (body is None or body == "-")
+    if body_from_stdin and reads_stdin(secret, secret_file):
+        raise typer.BadParameter(
+            "the secret is read from standard input, so the body cannot come from standard input too: "
+            "pass it as an argument or with --file",
+            param_hint="--secret",
+        )
+    key, _ = signing_secret(secret, secret_file)
     if file is not None:
         raw = file.read_bytes()
-    elif body is None or body == "-":
+    elif body_from_stdin:
         raw = sys.stdin.buffer.read()
     else:
-        raw = body.encode()
-    if secret is None:
-        secrets = resolve_webhook_secrets(get_settings(), create=False)
-        if not secrets.values:
-            err.print(
-                "[red]No webhook secret:[/] set LAYERCODE_WEBHOOK_SECRET, pass --secret, "
-                "or start the server once (`make run`) to create the development secret."
-            )
-            raise typer.Exit(2)
-        key = secrets.values[0]
-    else:
-        key = SecretStr(secret)
+        raw = (body or "").encode()
     # Only the header goes out: a timestamp and an HMAC, never the secret.
     typer.echo(sign_body(raw, key, timestamp=timestamp if timestamp is not None else int(time.time())))
 
@@ -110,16 +106,19 @@ def chat(
     url: Annotated[
         str | None, typer.Option(help="Webhook URL of any Layercode backend (default http://127.0.0.1:PORT/api/agent).")
     ] = None,
-    secret: Annotated[
-        str | None,
-        typer.Option(help="Secret to sign with (default LAYERCODE_WEBHOOK_SECRET or the development secret)."),
-    ] = None,
+    secret: Annotated[str | None, typer.Option(help=SECRET_HELP)] = None,
+    secret_file: Annotated[Path | None, typer.Option(help=SECRET_FILE_HELP)] = None,
     conversation_id: Annotated[str | None, typer.Option(help="Continue this conversation (default a new one).")] = None,
 ) -> None:
-    """Talk to a running agent backend from the terminal, as Layercode would: streamed replies, barge-in."""
+    """Talk to a running agent backend from the terminal, as Layercode would: streamed replies, barge-in.
+
+    With the secret read from standard input, its first line is the secret and the rest the conversation.
+    """
     from .chat import run_chat
 
-    raise typer.Exit(run_chat(url=url, secret=secret, conversation_id=conversation_id))
+    # Read before the chat starts reading standard input itself.
+    key, source = signing_secret(secret, secret_file)
+    raise typer.Exit(run_chat(url=url, secret=key, secret_source=source, conversation_id=conversation_id))
 
 
 # `simulate` and `tunnel` live in their own modules, which import their heavy parts inside the commands.
@@ -145,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print(Text("Cannot start: invalid settings (environment or .env)", style="bold red"))
         for problem in _settings_problems(exc):
             err.print(Text(f"  {problem}"))
+        return 2
+    except DevSecretError as exc:  # A secret file to distrust, from any command: one line, never its text.
+        err.print(Text(f"Cannot start: {exc}", style="bold red"))
         return 2
     return 0
 

@@ -16,6 +16,9 @@ killing the process. While a reply streams the terminal's echo is off, so what i
 the agent's words; the line is shown once Enter sends it. With standard input not a terminal (a pipe, a
 file) nobody can barge in: lines wait for the reply to finish, and the end of input ends the session after
 the last reply.
+
+Whatever the backend sends (words, data, error bodies) and whatever is piped in is printed through
+`printable`, inside a Rich `Text`: a control sequence in it is shown as an escape, never obeyed by the terminal.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from rich.console import Console
 from rich.text import Text
 
 from ..client import Transcript, WebhookClient, interruption_context
-from ..config import get_settings, resolve_webhook_secrets
+from ..config import get_settings
+from ._printable import printable
 
 __all__ = ["run_chat"]
 
@@ -71,40 +75,28 @@ class _ChatError(Exception):
     """A failure worth one line to the user (unreachable backend, refused webhook), never a traceback."""
 
 
-def run_chat(*, url: str | None, secret: str | None, conversation_id: str | None) -> int:
+def run_chat(*, url: str | None, secret: SecretStr, secret_source: str, conversation_id: str | None) -> int:
     """Hold a typed conversation with the backend at `url` and return the exit code.
 
     Args:
         url: The webhook URL; by default this project's server on 127.0.0.1 at the configured `PORT`.
-        secret: The webhook secret to sign with; by default `LAYERCODE_WEBHOOK_SECRET` or the development
-            secret this project's server created.
+        secret: The webhook secret to sign with (see `cli._secret.signing_secret`).
+        secret_source: Where it came from, for the banner.
         conversation_id: Continue this conversation; by default a new one.
 
     Returns:
         0 when the session ended normally, 1 when the backend could not be reached or refused a webhook,
-        2 without a secret to sign with, 130 when Ctrl-C cut the final `session.end` short.
+        130 when Ctrl-C cut the final `session.end` short.
     """
     out = Console(highlight=False, soft_wrap=True, emoji=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
-    settings = get_settings()
-    if secret is not None:
-        key, source = SecretStr(secret), "--secret"
-    else:
-        secrets = resolve_webhook_secrets(settings, create=False)
-        if not secrets.values:
-            err.print(
-                "[red]No webhook secret:[/] pass --secret, set LAYERCODE_WEBHOOK_SECRET, "
-                "or start this project's server once (`layercode-agent serve`) to create the development secret."
-            )
-            return 2
-        key, source = secrets.values[0], secrets.source
-    url = url or f"http://127.0.0.1:{settings.port}/api/agent"
-    chat = _Chat(url, key, conversation_id, screen=_Screen(out), secret_source=source)
+    url = url or f"http://127.0.0.1:{get_settings().port}/api/agent"
+    chat = _Chat(url, secret, conversation_id, screen=_Screen(out), secret_source=secret_source)
     try:
         return asyncio.run(chat.run())
     except _ChatError as exc:
         chat.screen.newline()
-        err.print(Text(str(exc), style="red"))
+        err.print(Text(printable(str(exc)), style="red"))
         return 1
     except KeyboardInterrupt:  # Only before or after the loop's own SIGINT handler is in place.
         return 130
@@ -331,8 +323,10 @@ class _Screen:
         """Whether the agent's next words start a fresh line of their own (after a data or meta line)."""
 
     def banner(self, url: str, conversation_id: str, secret_source: str, interactive: bool) -> None:
-        self.console.print(Text.assemble(("Chatting with ", "bold"), (url, "bold"), " as Layercode would"))
-        self.console.print(Text(f"conversation {conversation_id} · signed with {secret_source}", style="dim"))
+        self.console.print(Text.assemble(("Chatting with ", "bold"), (printable(url), "bold"), " as Layercode would"))
+        self.console.print(
+            Text(printable(f"conversation {conversation_id} · signed with {secret_source}"), style="dim")
+        )
         if interactive:
             keys = "Enter sends · typing during a reply interrupts it · Ctrl-C stops a reply · Ctrl-D ends the session"
             self.console.print(Text(keys, style="dim"))
@@ -343,7 +337,7 @@ class _Screen:
 
     def typed(self, text: str) -> None:
         """Show a line the terminal did not echo (input from a pipe, or output not to a terminal)."""
-        self._write(Text(text))
+        self._write(Text(printable(text)))
         self.newline()
 
     def echoed(self) -> None:
@@ -354,13 +348,14 @@ class _Screen:
         """Show a line typed during a reply (echo was off) as the next thing said."""
         self.newline()
         self._write(_USER_LABEL)
-        self._write(Text(text))
+        self._write(Text(printable(text)))
         self.newline()
 
     def begin_reply(self) -> None:
         self._labelled = self._indent = False
 
     def words(self, content: str) -> None:
+        content = printable(content, multiline=True)
         if not content:
             return
         if not self._labelled:
@@ -404,7 +399,7 @@ class _Screen:
 
     def meta(self, text: str, *, style: str = "dim") -> None:
         self.newline()
-        self._write(Text(_INDENT + text, style=style))
+        self._write(Text(_INDENT + printable(text), style=style))
         self.newline()
         self._indent = True
 
@@ -534,7 +529,7 @@ def _refused(url: str, response: httpx.Response) -> str:
             reason = str(found) if found else ""
     because = f" ({reason})" if reason else ""
     if status == 401:
-        return f"401: invalid signature – check --secret or LAYERCODE_WEBHOOK_SECRET{because}"
+        return f"401: invalid signature – check --secret, --secret-file or LAYERCODE_WEBHOOK_SECRET{because}"
     if status in (404, 405):
         return f"{status} from {url}: is this the webhook URL (usually …/api/agent)?{because}"
     return f"{status} from {url}{because or ': ' + response.reason_phrase}"

@@ -4,6 +4,10 @@ The commands open the store the server is configured with (`CONVERSATION_STORE`,
 SQLite file in `DATA_DIR`), so they work beside a running server. They read through
 `layercode_agent.conversations`, as the admin API does, and `--json` prints the same models it
 returns. The store and pydantic-ai are imported inside the commands, so `--help` stays instant.
+
+Everything shown comes from callers, the model or the store, so it goes through `printable` (escapes
+for control and bidirectional characters) inside a Rich `Text` (no markup), and `--json` through
+`printable_json`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import get_settings
+from ._printable import printable, printable_json
 
 if TYPE_CHECKING:
     from ..conversations import ConversationDetail, TurnView
@@ -72,18 +77,18 @@ def list_conversations(
         where, summaries = _run(url, work)
     if as_json:
         adapter = TypeAdapter(list[conversations.ConversationSummary])
-        typer.echo(adapter.dump_json(summaries, indent=2).decode())
+        typer.echo(printable_json(adapter.dump_json(summaries, indent=2).decode()))
         return
     if not summaries:
-        out.print(Text(f"No conversations in {where}.", style="dim"))
+        out.print(Text(f"No conversations in {printable(where)}.", style="dim"))
         return
     rows = [
         (
-            summary.conversation_id,
+            printable(summary.conversation_id),
             _time(summary.updated_at),
             str(summary.turn_count),
             _status(summary.last_status),
-            summary.last_user_text or "",
+            printable(summary.last_user_text or ""),
         )
         for summary in summaries
     ]
@@ -99,7 +104,7 @@ def list_conversations(
     for row in rows:
         table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in row[: len(table.columns)]))
     out.print(table)
-    out.print(Text(f"{len(summaries)} most recent in {where}", style="dim"))
+    out.print(Text(f"{len(summaries)} most recent in {printable(where)}", style="dim"))
 
 
 @app.command()
@@ -110,7 +115,7 @@ def show(
     """Show a conversation turn by turn: statuses, what an interrupted caller heard, tools, session events."""
     where, detail = _find(get_settings().store_url, conversation_id)
     if as_json:
-        typer.echo(detail.model_dump_json(indent=2))
+        typer.echo(printable_json(detail.model_dump_json(indent=2)))
         return
     _print_detail(detail, where)
 
@@ -128,12 +133,15 @@ def delete(
     if not yes:
         if not _can_ask():
             err.print(
-                Text(f"Not deleting {conversation_id!r}: there is no terminal to confirm on; pass --yes to delete it.")
+                Text(
+                    f"Not deleting {_quoted(conversation_id)}: there is no terminal to confirm on; "
+                    "pass --yes to delete it."
+                )
             )
             raise typer.Exit(1)
         question = (
-            f"Delete conversation {conversation_id!r} ({detail.turn_count} turns, "
-            f"{len(detail.session_events)} session events) from {where}?"
+            f"Delete conversation {_quoted(conversation_id)} ({detail.turn_count} turns, "
+            f"{len(detail.session_events)} session events) from {printable(where)}?"
         )
         if not typer.confirm(question, default=False):
             err.print("Nothing deleted.")
@@ -144,7 +152,7 @@ def delete(
 
     if not _run(url, work):
         _unknown(conversation_id, where)
-    out.print(Text(f"Deleted conversation {conversation_id!r} from {where}."))
+    out.print(Text(f"Deleted conversation {_quoted(conversation_id)} from {printable(where)}."))
 
 
 # --- Opening the store ------------------------------------------------------------------------------
@@ -183,7 +191,7 @@ def _run(url: str, work: Callable[[AgentStore], Awaitable[_T]]) -> _T:
     try:
         return asyncio.run(main())
     except StoreError as exc:
-        err.print(Text.assemble(("Conversation store error: ", "bold red"), str(exc)))
+        err.print(Text.assemble(("Conversation store error: ", "bold red"), printable(str(exc))))
         raise typer.Exit(1) from None
 
 
@@ -204,7 +212,7 @@ def _find(url: str, conversation_id: str) -> tuple[str, ConversationDetail]:
 
 
 def _unknown(conversation_id: str, where: str) -> NoReturn:
-    err.print(Text(f"No conversation {conversation_id!r} in {where}."))
+    err.print(Text(f"No conversation {_quoted(conversation_id)} in {printable(where)}."))
     raise typer.Exit(1)
 
 
@@ -212,7 +220,11 @@ def _unknown(conversation_id: str, where: str) -> NoReturn:
 
 
 def _print_detail(detail: ConversationDetail, where: str) -> None:
-    out.print(Text.assemble(("Conversation ", "bold"), (detail.conversation_id, "bold"), ("  ·  " + where, "dim")))
+    out.print(
+        Text.assemble(
+            ("Conversation ", "bold"), (printable(detail.conversation_id), "bold"), ("  ·  " + printable(where), "dim")
+        )
+    )
     usage = detail.usage
     facts = [
         f"updated {_time(detail.updated_at)} UTC" if detail.updated_at else "no messages stored",
@@ -230,12 +242,15 @@ def _print_detail(detail: ConversationDetail, where: str) -> None:
         out.print(Text("Session events", style="bold"))
         events = Table.grid(padding=(0, 2))
         for event in detail.session_events:
-            events.add_row("", _time(event.received_at), Text(event.event_type), Text(event.session_id or ""))
+            events.add_row(
+                "", _time(event.received_at), Text(printable(event.event_type)), Text(printable(event.session_id or ""))
+            )
         out.print(events)
     if detail.recording_status or detail.recording_url:
         out.print(
             Text.assemble(
-                ("Recording: ", "bold"), " ".join(filter(None, [detail.recording_status, detail.recording_url]))
+                ("Recording: ", "bold"),
+                printable(" ".join(filter(None, [detail.recording_status, detail.recording_url]))),
             )
         )
     if detail.transcript is not None:
@@ -243,7 +258,7 @@ def _print_detail(detail: ConversationDetail, where: str) -> None:
 
 
 def _print_turn(number: int, turn: TurnView) -> None:
-    header = Text.assemble((f"#{number} ", "bold"), (turn.turn_id or "(no turn id)", "dim"))
+    header = Text.assemble((f"#{number} ", "bold"), (printable(turn.turn_id or "(no turn id)"), "dim"))
     if turn.kind != "message":
         header.append(f"  {turn.kind}", style="dim")
     header.append("  ")
@@ -255,31 +270,40 @@ def _print_turn(number: int, turn: TurnView) -> None:
     lines.add_column(style="bold", no_wrap=True)
     lines.add_column()
     if turn.user_text is not None:
-        lines.add_row("  caller", Text(turn.user_text))
+        lines.add_row("  caller", _said(turn.user_text))
     for tool in turn.tools:
-        call = Text(f"{tool.tool_name}({_cut(tool.args)})")
+        call = Text(printable(f"{tool.tool_name}({_cut(tool.args)})"))
         if tool.result is not None:
-            call.append(f" -> {_cut(tool.result)}", style="dim")
+            call.append(printable(f" -> {_cut(tool.result)}"), style="dim")
         if tool.outcome not in (None, "success"):
-            call.append(f" [{tool.outcome}]", style="yellow")
+            call.append(printable(f" [{tool.outcome}]"), style="yellow")
         lines.add_row("  tool", call)
     if turn.text_heard is not None:
-        lines.add_row("  heard", Text(turn.text_heard))
+        lines.add_row("  heard", _said(turn.text_heard))
         if turn.text_sent is not None:
-            lines.add_row("  sent", Text(turn.text_sent, style="dim"))
+            lines.add_row("  sent", _said(turn.text_sent, style="dim"))
     elif turn.status == "pending":
-        lines.add_row("  agent", Text(turn.reply_text or "(still replying)", style="dim"))
+        lines.add_row("  agent", _said(turn.reply_text or "(still replying)", style="dim"))
     elif turn.reply_text:
-        lines.add_row("  agent", Text(turn.reply_text))
+        lines.add_row("  agent", _said(turn.reply_text))
     else:
         lines.add_row("  agent", Text("(nothing said)" if turn.status else "(no reply)", style="dim"))
     out.print(lines)
 
 
+def _said(text: str, *, style: str = "") -> Text:
+    """Words someone said, their own lines kept."""
+    return Text(printable(text, multiline=True), style=style)
+
+
+def _quoted(text: str) -> str:
+    return f"'{printable(text)}'"
+
+
 def _status(status: str | None) -> Text:
     if status is None:
         return Text("-", style="dim")
-    return Text(status, style=_STATUS_STYLES.get(status, ""))
+    return Text(printable(status), style=_STATUS_STYLES.get(status, ""))
 
 
 def _time(moment: datetime | None) -> str:

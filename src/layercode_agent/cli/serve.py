@@ -3,6 +3,9 @@
 The banner names the model, the store, the routes and where the webhook secret came from; it never
 prints a secret. Configuration errors (unknown model, missing key, bad store URL) stop here with
 one clear line instead of a traceback from every worker.
+
+SIGTERM stops the server cleanly: each worker drains its reply streams (`server/shutdown.py`), then
+uvicorn shuts down, and the process exits with status 0.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ import copy
 import logging
 import os
 import shutil
+import signal
+from collections.abc import Generator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import typer
@@ -29,6 +36,14 @@ __all__ = ["MULTIPROC_ENV", "authorize_mode", "log_config", "metrics_dir", "run_
 FACTORY = "layercode_agent.server.app:create_app_from_env"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """Where prometheus_client's workers keep their numbers; it reads it when first imported."""
+GRACEFUL_AFTER_DRAIN = 5
+"""Seconds uvicorn waits for requests still open once the reply streams have ended, before cancelling them."""
+WORKER_HEALTHCHECK = 30
+"""Seconds a worker of `--workers N` may take to answer the supervisor's ping before it is killed and replaced.
+
+Uvicorn's 5 s is less than a new worker needs to start Python and import uvicorn on a busy machine (a
+container with a small CPU share): it is killed before it could answer, again and again.
+"""
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -77,6 +92,9 @@ def metrics_dir(settings: Settings, *, port: int, workers: int, reload: bool) ->
         return None, False
     path = (settings.data_dir / "prometheus" / str(port)).resolve()
     shutil.rmtree(path, ignore_errors=True)  # Numbers of an earlier run would add up with this one's.
+    settings.data_dir.mkdir(
+        parents=True, exist_ok=True, mode=0o700
+    )  # Created here first: as private as the store makes it.
     path.mkdir(parents=True)
     os.environ[MULTIPROC_ENV] = str(path)
     return path, True
@@ -96,6 +114,25 @@ def authorize_mode(settings: Settings) -> str:
     return f"{who}; {limit} each" if limit is not None else f"{who}; no rate limit"
 
 
+@contextmanager
+def _sigterm_exits_cleanly() -> Generator[None]:
+    """Make SIGTERM end `serve` with status 0 rather than kill it.
+
+    Uvicorn raises the signal it shut down on again once it is done, to die by it; SIGTERM is how an
+    orchestrator stops a server on purpose, and by then every stream has been drained: a normal exit.
+    A SIGTERM before uvicorn's own handler is installed (while the app loads) exits the same way.
+    """
+
+    def exit_cleanly(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, exit_cleanly)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_server(settings: Settings, *, host: str, port: int, workers: int, reload: bool, console: Console) -> None:
     """Validate, print the banner and serve until interrupted."""
     try:
@@ -113,6 +150,7 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     table.add_row("webhook", f"POST {base}/api/agent")
     table.add_row("authorize", f"POST {base}/api/authorize ({authorize_mode(settings)})")
     table.add_row("health", f"GET  {base}/health")
+    table.add_row("ready", f"GET  {base}/ready (503 while the store does not answer)")
     if not settings.metrics:
         table.add_row("metrics", "off (METRICS=false)")
     else:
@@ -141,19 +179,24 @@ def run_server(settings: Settings, *, host: str, port: int, workers: int, reload
     os.environ["HOST"] = host
     logging.getLogger("layercode_agent").debug("starting uvicorn with factory %s", FACTORY)
     try:
-        uvicorn.run(
-            FACTORY,
-            factory=True,
-            host=host,
-            port=port,
-            workers=None if reload else workers,
-            reload=reload,
-            log_config=log_config(settings.log_level),
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=10,
-            # Uvicorn's httptools protocol plus head size and read deadlines (MAX_HEADER_BYTES, REQUEST_READ_TIMEOUT).
-            http=PROTOCOL,
-        )
+        with _sigterm_exits_cleanly():
+            uvicorn.run(
+                FACTORY,
+                factory=True,
+                host=host,
+                port=port,
+                workers=None if reload else workers,
+                reload=reload,
+                log_config=log_config(settings.log_level),
+                log_level=settings.log_level,
+                # Reply streams were drained and ended before uvicorn's shutdown begins (SHUTDOWN_DRAIN_SECONDS);
+                # this bounds only what is left then: a slow data handler, a client still sending its request.
+                timeout_graceful_shutdown=GRACEFUL_AFTER_DRAIN,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK,
+                # Uvicorn's httptools protocol plus head size and read deadlines (MAX_HEADER_BYTES,
+                # REQUEST_READ_TIMEOUT).
+                http=PROTOCOL,
+            )
     finally:
         if own_metrics_path and metrics_path is not None:
             shutil.rmtree(metrics_path, ignore_errors=True)

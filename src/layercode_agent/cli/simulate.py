@@ -3,7 +3,8 @@
 The scenario files, the runner and the results live in `layercode_agent.simulate`, imported inside the command so
 `--help` stays instant; this module reads the options, prints the summary and writes the JUnit report. Exit codes:
 0 when every expectation held, 1 when one failed, 2 for usage errors (a bad scenario file, no secret, a server
-that does not answer).
+that does not answer). What the backend sent is printed through `printable`: a control sequence in a reply or an
+event type is shown as an escape, never obeyed by the terminal.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..config import get_settings, resolve_webhook_secrets
+from ..config import get_settings
+from ._printable import printable
+from ._secret import SECRET_FILE_HELP, SECRET_HELP, signing_secret
 
 if TYPE_CHECKING:
     from ..simulate import Scenario, ScenarioResult, StepResult
@@ -44,10 +46,8 @@ def simulate(
     url: Annotated[
         str | None, typer.Option(help="Webhook URL to speak to (default http://127.0.0.1:PORT/api/agent).")
     ] = None,
-    secret: Annotated[
-        str | None,
-        typer.Option(help="Secret to sign with (default LAYERCODE_WEBHOOK_SECRET or the development secret)."),
-    ] = None,
+    secret: Annotated[str | None, typer.Option(help=SECRET_HELP)] = None,
+    secret_file: Annotated[Path | None, typer.Option(help=SECRET_FILE_HELP)] = None,
     concurrency: Annotated[int, typer.Option(help="Scenarios run at the same time (at least 1).")] = 4,
     junit: Annotated[Path | None, typer.Option(help="Also write a JUnit XML report to this file.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds any one request may wait for the network.")] = 60.0,
@@ -72,22 +72,13 @@ def simulate(
     if problems:
         err.print(Text("Invalid scenario file:", style="bold red"))
         for problem in problems:
-            err.print(Text(problem))
+            err.print(Text(printable(problem)))
         raise typer.Exit(2)
     if url is None:
         url = f"http://127.0.0.1:{get_settings().port}/api/agent"
     elif not re.match(r"https?://[^/]", url):
         _usage(f"--url must be an http:// or https:// URL, not {url!r}.")
-    if secret is None:
-        secrets = resolve_webhook_secrets(get_settings(), create=False)
-        if not secrets.values:
-            _usage(
-                "No webhook secret: set LAYERCODE_WEBHOOK_SECRET, pass --secret, "
-                "or start the server once (`make run`) to create the development secret."
-            )
-        key = secrets.values[0]
-    else:
-        key = SecretStr(secret)
+    key, _ = signing_secret(secret, secret_file)
     if (problem := asyncio.run(check_reachable(url, request_timeout=min(timeout, 10.0)))) is not None:
         _usage(f"Cannot reach {url}: {problem}. Is the server running? Start it with `make run`, or pass --url.")
 
@@ -120,7 +111,7 @@ def simulate(
 
 
 def _usage(message: str) -> NoReturn:
-    err.print(Text(message, style="red"))
+    err.print(Text(printable(message), style="red"))
     raise typer.Exit(2)
 
 
@@ -131,7 +122,9 @@ def _progress(result: ScenarioResult) -> None:
     verdict = Text(" PASS ", style="bold green") if result.passed else Text(" FAIL ", style="bold red")
     failed = len(result.failed_steps)
     steps = f"{len(result.steps)} steps" if not failed else f"{failed} of {result.planned} steps failed"
-    out.print(Text.assemble(verdict, " ", (result.name, "bold"), f"  {steps}, {_seconds(result.duration_ms)}"))
+    out.print(
+        Text.assemble(verdict, " ", (printable(result.name), "bold"), f"  {steps}, {_seconds(result.duration_ms)}")
+    )
 
 
 def _print_summary(results: Sequence[ScenarioResult], elapsed_s: float) -> None:
@@ -146,13 +139,13 @@ def _print_summary(results: Sequence[ScenarioResult], elapsed_s: float) -> None:
     for result in results:
         failures = result.failures
         table.add_row(
-            Text(result.name),
+            Text(printable(result.name)),
             f"{sum(step.passed for step in result.steps)}/{result.planned}",
             Text(str(len(result.failed_steps)), style="red" if result.failed_steps else ""),
             _ms(result.first_token_p50),
             _ms(result.first_token_max),
             _seconds(result.duration_ms),
-            Text("pass", style="green") if result.passed else Text(failures[0], style="red"),
+            Text("pass", style="green") if result.passed else Text(printable(failures[0]), style="red"),
         )
     out.print()
     out.print(table)
@@ -173,17 +166,19 @@ def _print_summary(results: Sequence[ScenarioResult], elapsed_s: float) -> None:
 def _print_failure(result: ScenarioResult) -> None:
     out.print(
         Text.assemble(
-            ("✗ ", "red"), (result.name, "bold"), (f"  {result.source}  conversation {result.conversation_id}", "dim")
+            ("✗ ", "red"),
+            (printable(result.name), "bold"),
+            (printable(f"  {result.source}  conversation {result.conversation_id}"), "dim"),
         ),
         soft_wrap=True,
     )
     for step in result.failed_steps:
         for reason in step.failures:
-            out.print(Text.assemble("  ", (step.title, "bold"), ": ", reason), soft_wrap=True)
+            out.print(Text.assemble("  ", (printable(step.title), "bold"), ": ", printable(reason)), soft_wrap=True)
         if step.text:
             said = step.text if len(step.text) <= _REPLY_CHARS else step.text[: _REPLY_CHARS - 1] + "…"
             what = "heard" if step.interrupted else "got"
-            out.print(Text(f"    {what}: {said!r}", style="dim"), soft_wrap=True)
+            out.print(Text(printable(f"    {what}: {said!r}"), style="dim"), soft_wrap=True)
     if len(result.steps) < result.planned:
         out.print(Text(f"  {result.planned - len(result.steps)} later step(s) not run", style="dim"), soft_wrap=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+from types import FrameType
 from typing import Annotated, NoReturn
 
 import typer
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..config import get_settings, resolve_webhook_secrets
+from ._printable import printable
 
 __all__ = ["layercode_cli_args", "tunnel"]
 
@@ -27,6 +29,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _STOP_WAIT = 10.0
 """Seconds the Layercode CLI gets to stop after Ctrl-C before it is terminated."""
+_HEALTH_TIMEOUT = 10.0
+"""Seconds the local server gets to answer `/health` (a busy machine can be slow; a closed port fails at once)."""
 
 
 def layercode_cli_args(agent_id: str, port: int, path: str) -> list[str]:
@@ -79,7 +83,7 @@ def tunnel(
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(Text(message, style="red"))
+    err.print(Text(printable(message), style="red"))
     raise typer.Exit(2)
 
 
@@ -88,21 +92,47 @@ def _health_problem(url: str) -> str | None:
     import httpx
 
     try:
-        response = httpx.get(url, timeout=3.0)
+        response = httpx.get(url, timeout=_HEALTH_TIMEOUT)
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
 
 def _run(argv: list[str]) -> int:
-    """Run the child in the foreground (it shares the terminal) and return its exit code, shell style."""
-    process = subprocess.Popen(argv)
+    """Run the child in the foreground (it shares the terminal) and return its exit code, shell style.
+
+    A Ctrl-C that lands while the child is being started (inside `Popen`, before there is a process to
+    stop) is held until there is one, then stops it like any other: the child is never left running.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+    held = False
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        nonlocal held
+        if not started:
+            held = True
+            return
+        raise KeyboardInterrupt
+
+    # Only in place of Python's own handler: a SIGINT that is ignored (a job a script started in the
+    # background) stays ignored, as the shell meant.
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        _stop(process)
-        err.print(Text("Tunnel stopped.", style="dim"))
-        return 130
+        process = subprocess.Popen(argv)
+        try:
+            started.append(process)
+            if held:
+                raise KeyboardInterrupt
+            code = process.wait()
+        except KeyboardInterrupt:
+            _stop(process)
+            err.print(Text("Tunnel stopped.", style="dim"))
+            return 130
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     return 128 - code if code < 0 else code
 
 

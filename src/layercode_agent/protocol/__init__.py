@@ -9,6 +9,7 @@ sections 1 and 2.
 
 from __future__ import annotations
 
+from .bodies import MAX_JSON_DEPTH, load_json_object
 from .errors import InvalidPayloadError, LayercodeError, MalformedPayloadError, PayloadError, SignatureError
 from .events import (
     DataEvent,
@@ -29,6 +30,7 @@ from .sse import SSE_CONTENT_TYPE, SSE_HEADERS, SSEParser, adecode_stream, decod
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "MAX_JSON_DEPTH",
     "SIGNATURE_HEADER",
     "SSE_CONTENT_TYPE",
     "SSE_HEADERS",
@@ -56,6 +58,7 @@ __all__ = [
     "decode_stream",
     "encode",
     "encode_json",
+    "load_json_object",
     "parse_event",
     "check_header",
     "sign",

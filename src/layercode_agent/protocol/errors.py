@@ -9,7 +9,7 @@ Exception hierarchy::
     LayercodeError(Exception)
      ├── SignatureError          the ``layercode-signature`` header is missing, malformed, stale or wrong
      └── PayloadError            the webhook body cannot be used; ``status_code`` is a hint for the server
-          ├── MalformedPayloadError  (400) not UTF-8, not JSON, or JSON but not an object
+          ├── MalformedPayloadError  (400) not UTF-8, not JSON, not an object, nested too deeply, or not Unicode text
           └── InvalidPayloadError    (422) a JSON object that fails validation
 
 Source: docs.layercode.com/api-reference/webhook-sse-api ("Webhook Verification"; samples answer 401 on a bad
@@ -65,7 +65,7 @@ class PayloadError(LayercodeError):
 
 
 class MalformedPayloadError(PayloadError):
-    """The body is not UTF-8, not JSON, or JSON but not an object."""
+    """The body is not UTF-8, not JSON, not an object, nested too deeply, or a string in it is not Unicode text."""
 
     status_code = 400
 

@@ -17,12 +17,12 @@ Source: docs.layercode.com/api-reference/webhook-sse-api (current payloads, chec
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidPayloadError, MalformedPayloadError
+from .bodies import load_json_object
+from .errors import InvalidPayloadError
 
 __all__ = [
     "DataEvent",
@@ -189,14 +189,6 @@ _LEGACY_TYPES: Final = {
     "DATA": "data",
 }
 
-_JSON_TYPE_NAMES: Final[dict[type, str]] = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-}
-
 
 def parse_event(raw: bytes | str) -> InboundEvent:
     """Decode and validate one webhook body.
@@ -208,32 +200,11 @@ def parse_event(raw: bytes | str) -> InboundEvent:
         The event model for the body's ``type``; :class:`UnknownEvent` for a type this version does not know.
 
     Raises:
-        MalformedPayloadError: The body is not UTF-8, not JSON, or not a JSON object (status 400).
+        MalformedPayloadError: The body is not UTF-8, not JSON, not a JSON object, nested too deeply, or holds text
+            that is not Unicode (a lone surrogate, in any field); see :func:`load_json_object` (status 400).
         InvalidPayloadError: The object has no string ``type`` or fails validation (status 422).
     """
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError as exc:
-            raise MalformedPayloadError(f"body is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
-    else:
-        text = raw
-    if not text.strip():
-        raise MalformedPayloadError("body is empty, expected a JSON object")
-    try:
-        body: object = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedPayloadError(
-            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
-    except RecursionError as exc:  # Arrays or objects nested deeper than the decoder can follow.
-        raise MalformedPayloadError("body is not valid JSON: nested too deeply") from exc
-    except ValueError as exc:  # An integer too long to convert (over 4300 digits).
-        raise MalformedPayloadError(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        kind = "null" if body is None else _JSON_TYPE_NAMES.get(type(body), type(body).__name__)
-        raise MalformedPayloadError(f"body must be a JSON object, got {kind}")
-    data: dict[str, Any] = body  # JSON object keys are always strings
+    data = load_json_object(raw)
 
     event_type = data.get("type")
     if event_type is None:

@@ -51,22 +51,26 @@ def _jsonable(value: Any) -> Any:
     return _ANY.dump_python(value, mode="json")
 
 
-def encode_json(event: OutboundEvent) -> str:
-    """Serialise ``event`` as compact JSON, keys in wire order, non-ASCII kept as is.
+def encode_json(event: OutboundEvent, *, ascii_only: bool = False) -> str:
+    r"""Serialise ``event`` as compact JSON, keys in wire order, non-ASCII kept as is.
 
     Args:
         event: The event to serialise.
+        ascii_only: Write every non-ASCII character as a ``\uXXXX`` escape instead.
 
     Returns:
         The JSON text alone, e.g. ``'{"type":"response.end","turn_id":"turn_1"}'``.
     """
-    return json.dumps(to_dict(event), separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+    return json.dumps(to_dict(event), separators=(",", ":"), ensure_ascii=ascii_only, default=_jsonable)
 
 
 def encode(event: OutboundEvent) -> bytes:
-    r"""Frame ``event`` as one SSE event.
+    r"""Frame ``event`` as one SSE event; never fails on the event's text.
 
-    Newlines inside strings are escaped by JSON, so one ``data:`` line always suffices.
+    Newlines inside strings are escaped by JSON, so one ``data:`` line always suffices. Text that is not Unicode
+    (a lone surrogate, which has no UTF-8 encoding) cannot come from a webhook body, which the parser refuses, but
+    could come from a model's output: such an event is written as ASCII JSON, its ``\udXXX`` escapes as any JSON
+    reader reads them, rather than breaking the stream before its ``response.end``.
 
     Args:
         event: The event to frame.
@@ -74,7 +78,11 @@ def encode(event: OutboundEvent) -> bytes:
     Returns:
         ``b"data: " + <compact UTF-8 JSON> + b"\n\n"``.
     """
-    return b"data: " + encode_json(event).encode() + b"\n\n"
+    try:
+        payload = encode_json(event).encode()
+    except UnicodeEncodeError:
+        payload = encode_json(event, ascii_only=True).encode()
+    return b"data: " + payload + b"\n\n"
 
 
 class SSEParser:

@@ -10,11 +10,13 @@ endpoint must know its callers. One of three gates, chosen by the settings:
 - **token** (`AUTHORIZE_TOKEN`): a shared bearer token, for a web app's backend calling this one.
 - **loopback**: neither is set, so only clients on this machine are answered (`serve` says so).
 
-Each admitted caller then spends one request of its allowance (`AUTHORIZE_RATE_LIMIT`), kept in the
-conversation store, so every worker and every server sharing a Redis store counts together. A
-caller is its `user_id` when the hook returned one, otherwise its IP address (as uvicorn resolved it:
+The gate decides first, then the caller spends one request of its allowance (`AUTHORIZE_RATE_LIMIT`),
+kept in the conversation store, so every worker and every server sharing a Redis store counts together.
+A caller is its `user_id` when the hook returned one, otherwise its IP address (as uvicorn resolved it:
 `X-Forwarded-For` is honoured from the proxies in `FORWARDED_ALLOW_IPS`, by default only 127.0.0.1).
 Refused attempts count against the IP's allowance too, so guessing a token runs into `429` quickly.
+While the store is unavailable a refusal still stands as it is (401/403, never a 503 that says more): it
+cannot be counted then, which is logged; an admitted caller gets the 503, since its allowance is unknown.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fastapi import Request
 from pydantic import SecretStr
 
 from ..config import RateLimit
-from ..stores import AgentStore
+from ..stores import AgentStore, StoreError
 
 __all__ = ["AuthorizeHook", "AuthorizeRefused", "Caller", "Gate", "RateLimited", "client_ip", "is_loopback_ip"]
 
@@ -116,15 +118,21 @@ class Gate:
         """The caller, if it may mint a session now.
 
         Raises:
-            AuthorizeRefused: Not allowed (401 without or with a wrong token, 403 refused).
-            RateLimited: Over the allowance.
+            AuthorizeRefused: Not allowed (401 without or with a wrong token, 403 refused), also while the store
+                is unavailable.
+            RateLimited: Over the allowance (a refused caller too, once its attempts used up its IP's).
+            StoreError: The store that keeps the allowance of an admitted caller is unavailable.
         """
         ip = client_ip(request)
         try:
             caller = await self._check(request, ip)
         except AuthorizeRefused as refused:
             logger.warning("refused /api/authorize from %s: %s", ip, refused.reason)
-            await self._spend(f"ip:{ip}")  # Failed attempts count, so guessing is slow.
+            try:
+                await self._spend(f"ip:{ip}")  # Failed attempts count, so guessing is slow.
+            except StoreError as exc:
+                # The refusal stands; the store's failure (and where it is) is for the log, not the caller.
+                logger.error("could not count a refused /api/authorize attempt from %s: %s", ip, exc)
             raise
         await self._spend(caller.identity)
         return caller

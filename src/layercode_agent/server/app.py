@@ -17,6 +17,7 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from pydantic_ai.agent import AbstractAgent
+from pydantic_ai.usage import UsageLimits
 
 from ..agent import (
     DEFAULT_WELCOME_MESSAGE,
@@ -39,6 +40,7 @@ from .http import GuardedHttpToolsProtocol
 from .routes import authorize, conversations, health, playground, webhook
 from .routes.metrics import metrics_router
 from .runtime import Runtime
+from .shutdown import DrainingMiddleware, GracefulShutdown
 
 __all__ = ["Runtime", "create_app", "create_app_from_env", "model_choice"]
 
@@ -120,7 +122,7 @@ def create_app(
         tracing = _tracing(settings)
         if tracing is not None:
             logger.info("sending turn spans to %s", tracing.destination)
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, timeout=settings.store_timeout)
         if choice is not None and choice.is_local:
             from ..agent.local import load_engine
 
@@ -137,6 +139,10 @@ def create_app(
             slow_filler=settings.filler_text,
             data_handler=handler,
             observer=_observer(settings, tracing),
+            usage_limits=UsageLimits(
+                request_limit=settings.llm_request_limit, total_tokens_limit=settings.llm_token_limit
+            ),
+            close_retry_for=settings.store_retry_seconds,
         )
         async with httpx.AsyncClient() as http:
             app.state.runtime = Runtime(
@@ -152,9 +158,13 @@ def create_app(
             app.state.runtime.gate = Gate(
                 store=store, token=settings.authorize_token, hook=hook, rate_limit=settings.rate_limit
             )
+            # SIGTERM drains this worker's reply streams before uvicorn shuts down (server/shutdown.py).
+            shutdown = GracefulShutdown(app.state.runtime, drain_seconds=settings.shutdown_drain_seconds)
+            shutdown.install()
             try:
                 yield
             finally:
+                await shutdown.aclose()
                 await runner.aclose()
                 await store.aclose()
                 if multiprocess_dir is not None and settings.metrics:
@@ -171,6 +181,8 @@ def create_app(
         openapi_url=None,
     )
     install_error_handlers(app)
+    # Added before CORS, so a browser's refused call still carries its CORS headers.
+    app.add_middleware(DrainingMiddleware)
     if settings.cors_allow_origins:
         app.add_middleware(
             AuthorizeCORS, origins=settings.cors_allow_origins, credentials=settings.cors_allow_credentials

@@ -11,6 +11,7 @@ from ..config import Settings
 from ..stores import AgentStore
 from ..turns import TurnRunner
 from .access import Gate
+from .streams import StreamSlots
 
 __all__ = ["Runtime"]
 
@@ -33,4 +34,12 @@ class Runtime:
     gate: Gate | None = None
     """Who may mint sessions at `/api/authorize`; set at start-up."""
     open_streams: dict[str, int] = field(default_factory=dict[str, int])
-    """Reply streams open per conversation on this worker (`MAX_STREAMS_PER_CONVERSATION`)."""
+    """Reply streams open per conversation on this worker."""
+    stream_slots: StreamSlots = field(default_factory=StreamSlots)
+    """Which turns those streams answer, for `MAX_STREAMS_PER_CONVERSATION` (`server/streams.py`)."""
+    draining: bool = False
+    """True once this worker shuts down (`server/shutdown.py`): new requests get 503 (a readiness check
+    too), while the reply streams already open finish or are stopped with `response.end`."""
+    requests_in_flight: int = 0
+    """Requests being answered now, reply streams included (`/health`, `/ready` and `/metrics` aside): a
+    drain waits for them."""

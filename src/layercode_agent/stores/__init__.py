@@ -8,12 +8,13 @@ the app only sees an `AgentStore`.
 from __future__ import annotations
 
 from ..redact import redact_url
-from .base import AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
+from .base import TOMBSTONE_TTL, AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
 from .memory import MemoryStore
 from .redis import RedisStore
-from .sqlite import SQLiteStore
+from .sqlite import DEFAULT_TIMEOUT, SQLiteStore
 
 __all__ = [
+    "TOMBSTONE_TTL",
     "AgentStore",
     "MemoryStore",
     "RedisStore",
@@ -30,7 +31,7 @@ _ACCEPTED = (
 )
 
 
-def open_store(url: str) -> AgentStore:
+def open_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> AgentStore:
     """Open the store a URL names.
 
     - `memory://`: a `MemoryStore`, for one process that may forget everything on restart.
@@ -43,6 +44,8 @@ def open_store(url: str) -> AgentStore:
 
     Args:
         url: The store URL.
+        timeout: Seconds a store call may take before `StoreUnavailableError` (`STORE_TIMEOUT`): a SQLite
+            call as a whole; Redis's connect and reply timeouts, unless the URL's query sets them.
 
     Raises:
         StoreError: If the URL is malformed, its scheme unsupported, or the database cannot be opened.
@@ -63,9 +66,9 @@ def open_store(url: str) -> AgentStore:
                 "SQLite store URLs look like sqlite:///relative/path.db or sqlite:////absolute/path.db "
                 f"(got {redact_url(url)!r})."
             )
-        return SQLiteStore(path)
+        return SQLiteStore(path, timeout=timeout)
     if scheme in {"redis", "rediss"}:
         # RedisStore never echoes the URL: it may carry a password.
-        return RedisStore(url)
+        return RedisStore(url, timeout=timeout)
     # Only the scheme is echoed, in case the rest carries credentials.
     raise StoreError(f"Unsupported store URL scheme {scheme!r}; use {_ACCEPTED}.")

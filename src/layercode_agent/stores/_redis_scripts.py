@@ -31,6 +31,7 @@ __all__ = [
     "DELETE_UNRECORDED_EXTRAS",
     "READ_HISTORY",
     "READ_RECORDS",
+    "REPLACE_MARKER",
     "SET_MARKER",
     "TAKE_ALLOWANCE",
     "WRITE_RECORD",
@@ -243,22 +244,45 @@ return 1
 )
 """Append a session event; with a retention, refresh the whole conversation's."""
 
-SET_MARKER = """#!lua
+_SET_AND_INDEX_MARKER = """
+-- Set the marker, and index its name until it expires; the index expires with its last marker.
+local function set_marker(key, index, value, ttl, name)
+  redis.call('SET', key, value, 'PX', ttl)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('ZADD', index, now + tonumber(ttl), name)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  local last = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', index, string.format('%.0f', tonumber(last[2]) + 1))
+end
+"""
+
+SET_MARKER = (
+    "#!lua\n"
+    + _SET_AND_INDEX_MARKER
+    + """
 -- KEYS: marker, markers index.  ARGV: value, ttl in ms, '1' for only-if-absent, name.
 if ARGV[3] == '1' then
   local current = redis.call('GET', KEYS[1])
   if current then return current end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], string.format('%.0f', tonumber(last[2]) + 1))
+set_marker(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[4])
 return false
 """
+)
 """SET (NX) PX, returning the live value instead when only-if-absent finds one; index the name until it expires."""
+
+REPLACE_MARKER = (
+    "#!lua\n"
+    + _SET_AND_INDEX_MARKER
+    + """
+-- KEYS: marker, markers index.  ARGV: expected value, value, ttl in ms, name.  Returns 1 if replaced, else 0.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+set_marker(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+"""Compare and set: replace the marker only if it still holds the expected value."""
 
 TAKE_ALLOWANCE = """#!lua
 -- KEYS: allowance.  ARGV: interval, period (both µs).  Returns 0 if allowed, else the µs to wait (at least 1).

@@ -7,8 +7,14 @@ messages and deletes them with it: deleting a conversation removes everything ab
 
 Workers and servers sharing a store also coordinate through it, with **markers**: small string
 values with an expiry, set atomically (`only_if_absent` is the claim of a webhook delivery), read in
-batches (a worker polling for requests to cancel the turns it streams) and deleted with their
-conversation. Markers that belong to no conversation (worker heartbeats) use `conversation_id=""`.
+batches (a worker polling for requests to cancel the turns it streams), replaced only if unchanged
+(a worker taking over the claim of one that died) and deleted with their conversation. Markers that
+belong to no conversation (worker heartbeats) use `conversation_id=""`.
+
+Deleting a conversation leaves a **tombstone** for `TOMBSTONE_TTL` seconds: the names its deliveries
+were known by (each message's `turn_id` and `delivery` metadata, and its markers' names, such as the
+claims `data:<digest>`), and nothing of what was said. A replay of one of those webhooks, whose
+signature still verifies for that long, is recognised by `deleted_with` and must not reopen it.
 
 Exceptions (driver errors are translated at each backend's boundary with `raise ... from exc`)::
 
@@ -22,16 +28,28 @@ saving the same conversation, and the caller reloads and retries.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord, ConversationStore
 
-__all__ = ["AgentStore", "SessionEventRecord", "StoreError", "StoreUnavailableError"]
+__all__ = ["TOMBSTONE_TTL", "AgentStore", "SessionEventRecord", "StoreError", "StoreUnavailableError"]
+
+TOMBSTONE_TTL: Final = 600.0
+"""Seconds a deleted conversation's delivery names are kept: twice the webhook signature tolerance.
+
+A signature is accepted while its timestamp is within 300 s of our clock either way
+(`protocol.DEFAULT_TOLERANCE`; this layer does not import `protocol`, a test holds the two together), so
+a webhook accepted just before the deletion, dated up to 300 s ahead, still verifies 600 s later.
+"""
+
+_TOMBSTONE_KEYS = ("turn_id", "delivery")
+"""The message metadata naming the webhook that delivered a message (the turn record of `history`)."""
 
 
 class StoreError(Exception):
@@ -124,8 +142,52 @@ class AgentStore(ConversationStore, ABC):
         """The live markers' values at `(conversation_id, name)` keys, `None` where there is none; one round trip."""
 
     @abstractmethod
+    async def replace_marker(self, conversation_id: str, name: str, expected: str, value: str, *, ttl: float) -> bool:
+        """Set a marker to `value`, expiring `ttl` seconds from now, only if its live value is `expected`, atomically.
+
+        Returns:
+            Whether it was replaced: `False` if the marker is gone or holds another value.
+        """
+
+    @abstractmethod
     async def delete_marker(self, conversation_id: str, name: str) -> None:
         """Delete a marker; nothing happens if there is none."""
+
+    @abstractmethod
+    async def _marker_names(self, conversation_id: str) -> list[str]:
+        """The names of a conversation's markers (those just expired may be among them)."""
+
+    # --- Tombstones of deleted conversations -----------------------------------------------------
+
+    async def deleted_with(self, conversation_id: str, names: Iterable[str]) -> bool:
+        """Whether a deletion of this conversation in the last `TOMBSTONE_TTL` seconds removed any of `names`.
+
+        `names` are what a webhook is known by: a message's `turn_id` or `delivery` (the body's digest),
+        or the name of a marker such as `data:<digest>`.
+        """
+        (tombstone,) = await self.get_markers([_tombstone_key(conversation_id)])
+        return tombstone is not None and not set(json.loads(tombstone)).isdisjoint(names)
+
+    async def _leave_tombstone(self, conversation_id: str, *, scope: str | None) -> None:
+        """Remember the names of the conversation's deliveries, before it is deleted (see `TOMBSTONE_TTL`).
+
+        Written first, so no replay slips in between the deletion and the tombstone; under no conversation,
+        so deleting does not delete it; merged with an earlier tombstone of the same id.
+        """
+        record = await self.read_record(conversation_id)
+        if record is not None and scope is not None and record.scope != scope:
+            return  # `delete` leaves it as it is.
+        names = set(await self._marker_names(conversation_id))
+        conversation = await self.load(conversation_id) if record is not None else None
+        for message in conversation.messages if conversation is not None else []:
+            meta = message.metadata or {}
+            names.update(str(meta[key]) for key in _TOMBSTONE_KEYS if meta.get(key) is not None)
+        key = _tombstone_key(conversation_id)
+        (earlier,) = await self.get_markers([key])
+        if earlier is not None:
+            names.update(json.loads(earlier))
+        if names:
+            await self.set_marker(*key, json.dumps(sorted(names)), ttl=TOMBSTONE_TTL)
 
     # --- Rate limits ------------------------------------------------------------------------------
 
@@ -194,10 +256,23 @@ class AgentStore(ConversationStore, ABC):
         """Delete a conversation: its record, session events, markers, and the messages no other conversation shares.
 
         Messages a fork or another conversation's history still reaches are kept for it. With `scope`,
-        a conversation saved with another scope is left as it is.
+        a conversation saved with another scope is left as it is. What its deliveries were known by is
+        kept for `TOMBSTONE_TTL` seconds (see `deleted_with`), so a replay cannot reopen it.
         """
+        await self._leave_tombstone(conversation_id, scope=scope)
         await super().delete(conversation_id, scope=scope)
         await self._delete_unrecorded_extras(conversation_id)
+
+    async def ping(self) -> None:
+        """Check the store can take a write now, for a readiness check: one small marker, `("", "ready")`.
+
+        A write rather than a read, so a read-only Redis replica, a Redis out of memory or a frozen
+        disk fail it too. Callers bound the wait with a deadline of their own.
+
+        Raises:
+            StoreError: If the store cannot be written.
+        """
+        await self.set_marker("", "ready", "", ttl=60)
 
     async def aclose(self) -> None:
         """Release connections and threads; the store must not be used afterwards."""
@@ -213,3 +288,7 @@ class AgentStore(ConversationStore, ABC):
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _tombstone_key(conversation_id: str) -> tuple[str, str]:
+    return "", f"deleted:{conversation_id}"

@@ -97,9 +97,22 @@ class MemoryStore(InMemoryConversationStore, AgentStore):
         """The live values at `keys`, `None` where there is none."""
         return [self._live(key) for key in keys]
 
+    async def replace_marker(self, conversation_id: str, name: str, expected: str, value: str, *, ttl: float) -> bool:
+        """Set the marker to `value` if its live value is `expected`."""
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        key = (conversation_id, name)
+        if self._live(key) != expected:
+            return False
+        self._markers[key] = (value, time.monotonic() + ttl)
+        return True
+
     async def delete_marker(self, conversation_id: str, name: str) -> None:
         """Delete a marker if there is one."""
         self._markers.pop((conversation_id, name), None)
+
+    async def _marker_names(self, conversation_id: str) -> list[str]:
+        return [name for owner, name in self._markers if owner == conversation_id]
 
     async def take_allowance(self, key: str, *, count: int, period: float) -> float:
         """Take one request from `key`'s allowance, GCRA on this process's monotonic clock."""

@@ -82,7 +82,9 @@ class RedisStore(AgentStore):
     `aclose()` (or use `async with`) when done.
     """
 
-    def __init__(self, url: str, *, prefix: str | None = None, ttl: float | None = None) -> None:
+    def __init__(
+        self, url: str, *, prefix: str | None = None, ttl: float | None = None, timeout: float | None = None
+    ) -> None:
         """Configure a store for `redis://[[user]:password@]host[:port][/db][?prefix=...&ttl=seconds]`.
 
         `rediss://` connects over TLS. Other query parameters (`socket_timeout=2`, `ssl_ca_certs=...`)
@@ -93,6 +95,7 @@ class RedisStore(AgentStore):
             prefix: The key prefix, instead of the URL's `prefix` (default `"layercode-agent:"`).
             ttl: Seconds a conversation is kept after its last write, instead of the URL's `ttl`
                 (default: until it is deleted).
+            timeout: Seconds for the connect and reply timeouts, unless the URL's query sets them (default 5).
 
         Raises:
             StoreError: If the URL or an option is malformed; the message never repeats a password.
@@ -136,6 +139,7 @@ class RedisStore(AgentStore):
         client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
         options: dict[str, Any] = {
             **_DEFAULT_TIMEOUTS,
+            **({} if timeout is None else dict.fromkeys(_DEFAULT_TIMEOUTS, timeout)),
             "decode_responses": True,
             # One immediate retry on a fresh connection: pooled ones die when Redis restarts or an idle
             # connection is cut. Not on timeouts, which would only double the wait.
@@ -155,6 +159,7 @@ class RedisStore(AgentStore):
         self._delete_extras = self._client.register_script(scripts.DELETE_UNRECORDED_EXTRAS)
         self._add_event = self._client.register_script(scripts.ADD_SESSION_EVENT)
         self._set_marker = self._client.register_script(scripts.SET_MARKER)
+        self._replace_marker = self._client.register_script(scripts.REPLACE_MARKER)
         self._take_allowance = self._client.register_script(scripts.TAKE_ALLOWANCE)
         self._read_history = self._client.register_script(scripts.READ_HISTORY)
         self._read_records = self._client.register_script(scripts.READ_RECORDS)
@@ -359,6 +364,15 @@ class RedisStore(AgentStore):
             )
         return values
 
+    async def replace_marker(self, conversation_id: str, name: str, expected: str, value: str, *, ttl: float) -> bool:
+        """Set the marker to `value` if it still holds `expected`, in one script."""
+        if not ttl > 0:
+            raise ValueError("ttl must be positive")
+        keys = [self._marker_key(conversation_id, name), self._conversation_key(conversation_id, "markers")]
+        with self._translate_errors():
+            replaced = await self._replace_marker(keys=keys, args=[expected, value, self._ttl_ms(ttl), name])
+        return replaced == 1
+
     async def delete_marker(self, conversation_id: str, name: str) -> None:
         """Delete a marker if there is one."""
         with self._translate_errors():
@@ -366,6 +380,11 @@ class RedisStore(AgentStore):
                 pipe.delete(self._marker_key(conversation_id, name))
                 pipe.zrem(self._conversation_key(conversation_id, "markers"), name)
                 await pipe.execute()
+
+    async def _marker_names(self, conversation_id: str) -> list[str]:
+        index = self._conversation_key(conversation_id, "markers")
+        with self._translate_errors():
+            return await cast("Awaitable[list[str]]", self._client.zrange(index, 0, -1))
 
     # --- Rate limits ------------------------------------------------------------------------------
 

@@ -5,10 +5,22 @@ Why it is shaped like this:
 - **WAL journal, `busy_timeout`, `synchronous=NORMAL`**: readers never block the writer, a writer waits
   (up to `busy_timeout_ms`) for another instead of failing at once, and a commit costs no fsync.
   Durability after an OS crash may lose the last commits; a process crash loses nothing.
-- **One worker thread per store** owns the only connection: sqlite3 blocks, and a voice turn's event
-  loop must not. Every operation is one hop to that thread, and a write is one `BEGIN IMMEDIATE`
-  transaction there, so the revision check and the write cannot interleave with another process's.
-  A caller cancelled mid-save (barge-in) does not cancel the transaction: it commits or rolls back whole.
+- **A small pool of worker threads, each call on a connection of its own**: sqlite3 blocks, and a voice
+  turn's event loop must not. Every operation is one hop to a pool thread, and a write is one
+  `BEGIN IMMEDIATE` transaction there, so the revision check and the write cannot interleave with
+  another writer's. A caller cancelled mid-save (barge-in) does not cancel the transaction: it commits
+  or rolls back whole. Writes of this process take turns on a lock (no busy-wait between them).
+- **Every call has a deadline** (`timeout`, `STORE_TIMEOUT`): a disk that stalls (a frozen or failing
+  file system) makes the call raise `StoreUnavailableError` when it passes, as Redis's socket timeout
+  does, so the caller hears an apology instead of silence. The stuck thread keeps its connection until
+  the disk answers; the other calls go on on the others, so one stuck call never holds up another
+  conversation for longer than its own deadline. A transaction that reaches its `COMMIT` after its
+  deadline rolls back instead; one whose `COMMIT` was already under way when the deadline passed may
+  still land, which the revision checks handle like any other writer's (the next writer sees the new
+  revision). A call the pool has not started by its deadline never runs.
+- **Private files**: the folder is created 0700 and the database 0600 before SQLite opens it; SQLite
+  gives its `-wal` and `-shm` files the database's mode. A database created by an earlier version keeps
+  its mode (`chmod 600` it).
 - **Versioned schema**: `PRAGMA user_version` counts the migrations applied; all pending ones run in
   one transaction at open, and a database written by newer code is refused rather than misread.
 
@@ -21,7 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +60,7 @@ from ._serialization import (
 )
 from .base import AgentStore, SessionEventRecord, StoreError, StoreUnavailableError
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["DEFAULT_TIMEOUT", "POOL_SIZE", "SCHEMA_VERSION", "SQLiteStore"]
 
 _T = TypeVar("_T")
 
@@ -109,6 +124,16 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 """The `PRAGMA user_version` this code writes and understands."""
 
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds a store call may take by default, as long as the Redis store's socket timeouts."""
+
+POOL_SIZE = 4
+"""Worker threads (each with its connection) per store: how many calls may be stuck on a stalled disk before
+the others wait for a free thread too (and then give up at their own deadline)."""
+
+_call = threading.local()
+"""The call a pool thread is running: `deadline` (monotonic seconds) and `write_lock`, read by `_transaction`."""
 
 _HISTORY_SQL = """
 WITH RECURSIVE chain (id, parent_id, kind, message, depth) AS (
@@ -176,23 +201,35 @@ class SQLiteStore(AgentStore):
     `ConversationConflict`, never overwrites. Call `aclose()` (or use `async with`) when done.
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self, path: str | Path, *, timeout: float = DEFAULT_TIMEOUT, busy_timeout_ms: int | None = None
+    ) -> None:
         """Open (creating if needed) the database at `path` and bring its schema up to date.
 
         Args:
-            path: The database file; missing parent directories are created.
+            path: The database file; a missing parent folder is created (mode 0700), and the file (mode 0600).
+            timeout: Seconds a call may take, from the moment it is made, before `StoreUnavailableError`.
             busy_timeout_ms: How long a write waits for another process's write lock before
-                `StoreUnavailableError`.
+                `StoreUnavailableError` (default: `timeout`).
 
         Raises:
             StoreError: If the file cannot be opened, is not a database, or was written by newer code.
+            ValueError: If `timeout` is not a positive, finite number.
         """
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a positive, finite number of seconds (got {timeout!r})")
         self._path = Path(path)
-        self._busy_timeout_ms = busy_timeout_ms
+        self._timeout = timeout
+        self._busy_timeout_ms = busy_timeout_ms if busy_timeout_ms is not None else math.ceil(timeout * 1000)
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._pool_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        """Connections no call is using; at most one per pool thread ever exists."""
+        self._write_lock = threading.Lock()
+        self._ping: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="sqlite-store")
         try:
-            self._connection = self._executor.submit(self._in_worker, self._connect).result()
+            self._idle.append(self._executor.submit(self._open).result())
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
@@ -207,17 +244,48 @@ class SQLiteStore(AgentStore):
         """Human text for the start-up banner."""
         return f"SQLite at {self._path}"
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a call may take before `StoreUnavailableError`."""
+        return self._timeout
+
     async def aclose(self) -> None:
-        """Close the connection (checkpointing the WAL) and stop the worker thread. Safe to call twice."""
+        """Close the connections (the last one checkpoints the WAL) and stop the pool. Safe to call twice.
+
+        A connection still held by a call stuck on a stalled disk is closed when that call returns.
+
+        Raises:
+            StoreUnavailableError: If closing did not finish within the deadline.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._ping is not None:
+            self._ping.cancel()
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._in_worker, lambda: self._connection.close()
-            )
+            closing = self._executor.submit(self._close_all, idle)
+            await asyncio.wait_for(asyncio.wrap_future(closing), self._timeout)
+        except TimeoutError:
+            raise self._late() from None
         finally:
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def ping(self) -> None:
+        """Write one marker row through to the file (so a frozen disk shows), within the store's deadline.
+
+        At most one ping runs at a time: a caller that gave up on one (a readiness check's own shorter
+        deadline) leaves it to finish, and the next caller waits for that one rather than taking another
+        thread.
+
+        Raises:
+            StoreError: If the write fails or does not finish in time.
+        """
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self._run(_ping))
+            self._ping.add_done_callback(_retrieve)
+        await asyncio.shield(self._ping)
 
     # --- ConversationStore primitives -------------------------------------------------------------
 
@@ -359,9 +427,20 @@ class SQLiteStore(AgentStore):
         found = await self._run(partial(_get_markers, keys=list(keys)))
         return [found.get(key) for key in keys]
 
+    async def replace_marker(self, conversation_id: str, name: str, expected: str, value: str, *, ttl: float) -> bool:
+        """Set the marker to `value` if its live value is `expected`, in one write transaction."""
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        return await self._run(
+            partial(_replace_marker, key=(conversation_id, name), expected=expected, value=value, ttl=ttl)
+        )
+
     async def delete_marker(self, conversation_id: str, name: str) -> None:
         """Delete a marker if there is one."""
         await self._run(partial(_delete_marker, key=(conversation_id, name)))
+
+    async def _marker_names(self, conversation_id: str) -> list[str]:
+        return await self._run(partial(_marker_names, conversation_id=conversation_id))
 
     # --- Rate limits ------------------------------------------------------------------------------
 
@@ -378,16 +457,55 @@ class SQLiteStore(AgentStore):
     # --- Plumbing ---------------------------------------------------------------------------------
 
     async def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `operation` with the connection on the store's worker thread."""
+        """Run `operation` with a connection on a pool thread, or raise `StoreUnavailableError` at the deadline."""
         if self._closed:
             raise StoreError(f"The store ({self.description}) is closed.")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._in_worker, lambda: operation(self._connection)
-        )
+        deadline = time.monotonic() + self._timeout
+        future = self._executor.submit(self._in_worker, operation, deadline)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout)
+        except TimeoutError:
+            future.cancel()  # Not started yet: now it never will be. Started: it commits or rolls back whole.
+            raise self._late() from None
 
-    def _in_worker(self, operation: Callable[[], _T]) -> _T:
+    def _in_worker(self, operation: Callable[[sqlite3.Connection], _T], deadline: float) -> _T:
+        """On a pool thread: take an idle connection (or open one), run `operation` on it, give it back."""
+        if time.monotonic() >= deadline:
+            raise self._late()  # Its caller has given up already.
+        _call.deadline, _call.write_lock, _call.late = deadline, self._write_lock, self._late
+        try:
+            with self._translate_errors():
+                with self._pool_lock:
+                    connection = self._idle.pop() if self._idle else None
+                if connection is None:
+                    connection = self._connect()
+                try:
+                    return operation(connection)
+                finally:
+                    self._give_back(connection)
+        finally:
+            _call.deadline, _call.write_lock, _call.late = None, None, None
+
+    def _give_back(self, connection: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if not self._closed and not connection.in_transaction:
+                self._idle.append(connection)
+                return
+        connection.close()  # The store closed meanwhile, or a failed ROLLBACK left the connection unusable.
+
+    def _close_all(self, connections: list[sqlite3.Connection]) -> None:
         with self._translate_errors():
-            return operation()
+            for connection in connections:
+                connection.close()
+
+    def _open(self) -> sqlite3.Connection:
+        with self._translate_errors():
+            return self._connect()
+
+    def _late(self) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"SQLite database {self._path} did not answer within {self._timeout:g} s (a stalled or overloaded disk?)."
+        )
 
     @contextmanager
     def _translate_errors(self) -> Generator[None]:
@@ -406,9 +524,15 @@ class SQLiteStore(AgentStore):
             raise StoreError(f"Cannot open SQLite database {self._path}: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit (`isolation_level=None`): transactions are explicit, see `_transaction`. The
-        # connection is only ever used on the worker thread, though created and closed through it too.
+        # Private from the start: a folder we create is 0700, the file 0600, and SQLite gives the `-wal`
+        # and `-shm` files it creates later the database file's mode.
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # An existing database keeps its mode.
+        # Autocommit (`isolation_level=None`): transactions are explicit, see `_transaction`. A
+        # connection is used by one call at a time, on whichever pool thread runs it.
         connection = sqlite3.connect(
             self._path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
         )
@@ -428,15 +552,47 @@ class SQLiteStore(AgentStore):
 
 @contextmanager
 def _transaction(connection: sqlite3.Connection) -> Generator[None]:
-    """A write transaction that takes the write lock up front, committed on success and rolled back otherwise."""
-    connection.execute("BEGIN IMMEDIATE")
+    """A write transaction that takes the write lock up front, committed on success and rolled back otherwise.
+
+    In a store call (see `SQLiteStore._in_worker`) it first takes the store's own write lock, waiting no
+    longer than the call's deadline, and rolls back rather than commit once that deadline has passed:
+    its caller has been told it failed.
+    """
+    deadline: float | None = getattr(_call, "deadline", None)
+    lock: threading.Lock | None = getattr(_call, "write_lock", None)
+    late: Callable[[], StoreUnavailableError] | None = getattr(_call, "late", None)
+    if lock is not None and not lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
+        raise late() if late is not None else StoreUnavailableError("The SQLite store's write lock was held too long.")
     try:
-        yield
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:  # A failed COMMIT leaves the transaction open.
-            connection.execute("ROLLBACK")
-        raise
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            if deadline is not None and late is not None and time.monotonic() >= deadline:
+                raise late()
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:  # A failed COMMIT leaves the transaction open.
+                connection.execute("ROLLBACK")
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _ping(connection: sqlite3.Connection) -> None:
+    """Rewrite the `("", "ready")` marker: a write that must reach the file (an empty transaction would not)."""
+    with _transaction(connection):
+        connection.execute(
+            "INSERT INTO markers (conversation_id, name, value, expires_at) VALUES ('', 'ready', '', ?) "
+            "ON CONFLICT (conversation_id, name) DO UPDATE SET expires_at = excluded.expires_at",
+            (time.time() + 60,),
+        )
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Take a finished ping's outcome, so one nobody awaits any more is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _user_version(connection: sqlite3.Connection) -> int:
@@ -636,8 +792,26 @@ def _get_markers(connection: sqlite3.Connection, *, keys: list[tuple[str, str]])
     return found
 
 
+def _replace_marker(
+    connection: sqlite3.Connection, *, key: tuple[str, str], expected: str, value: str, ttl: float
+) -> bool:
+    with _transaction(connection):
+        now = time.time()  # Under the write lock, as in `_take_allowance`.
+        replaced = connection.execute(
+            "UPDATE markers SET value = ?, expires_at = ? "
+            "WHERE conversation_id = ? AND name = ? AND value = ? AND expires_at > ?",
+            (value, now + ttl, *key, expected, now),
+        )
+        return replaced.rowcount == 1
+
+
 def _delete_marker(connection: sqlite3.Connection, *, key: tuple[str, str]) -> None:
     connection.execute("DELETE FROM markers WHERE conversation_id = ? AND name = ?", key)
+
+
+def _marker_names(connection: sqlite3.Connection, *, conversation_id: str) -> list[str]:
+    rows = connection.execute("SELECT name FROM markers WHERE conversation_id = ?", (conversation_id,))
+    return [name for (name,) in rows]
 
 
 def _take_allowance(connection: sqlite3.Connection, *, name: str, interval: float, period: float) -> float:

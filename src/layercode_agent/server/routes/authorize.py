@@ -11,7 +11,6 @@ through, with the hook's metadata written over the browser's; per-session `confi
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -19,8 +18,9 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ...protocol import PayloadError
 from ..access import AuthorizeRefused, RateLimited
-from ..deps import RuntimeDep
+from ..deps import RuntimeDep, read_json
 
 __all__ = ["AUTHORIZE_PATH", "router"]
 
@@ -43,7 +43,17 @@ _REQUEST_SCHEMA: dict[str, Any] = {
         "sdk_version": {"type": ["string", "null"]},
     },
 }
-_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+_ERROR = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
+                "required": ["error"],
+            }
+        }
+    }
+}
 _OPENAPI: dict[str, Any] = {
     "requestBody": {"required": False, "content": {"application/json": {"schema": _REQUEST_SCHEMA}}},
 }
@@ -60,13 +70,21 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             }
         },
     },
-    400: {"description": "The body is not a JSON object, or a field has the wrong type", **_ERROR},
+    400: {
+        "description": "The body is not a JSON object (read as the webhook's is: UTF-8, at most 64 levels deep, no"
+        " lone surrogates), or a field has the wrong type; `reason` says which",
+        **_ERROR,
+    },
     401: {"description": "Missing or wrong AUTHORIZE_TOKEN", **_ERROR},
     403: {"description": "Refused: another agent, the hook said no, or not a loopback client", **_ERROR},
     413: {"description": "Body over MAX_BODY_BYTES"},
     429: {"description": "Over AUTHORIZE_RATE_LIMIT; see Retry-After", **_ERROR},
     502: {"description": "Layercode's API is unreachable or answered nonsense", **_ERROR},
-    503: {"description": "Not configured (LAYERCODE_API_KEY, LAYERCODE_AGENT_ID) or the check failed", **_ERROR},
+    503: {
+        "description": "Not configured (LAYERCODE_API_KEY, LAYERCODE_AGENT_ID), the check failed, or the"
+        " conversation store (which keeps the rate limit) is unavailable",
+        **_ERROR,
+    },
     504: {"description": "Layercode's API did not answer in time", **_ERROR},
 }
 
@@ -86,6 +104,8 @@ async def authorize_session(request: Request, runtime: RuntimeDep) -> JSONRespon
         return _error(503, "LAYERCODE_AGENT_ID is not set on this server, so it cannot authorize sessions")
     if runtime.gate is None:
         return _error(503, "the server is starting")
+    # Read and decoded as on every route, before the gate, so a hook that looks at the body finds it checked.
+    body = await read_json(request, optional=True)
     try:
         caller = await runtime.gate.admit(request)
     except AuthorizeRefused as refused:
@@ -93,13 +113,6 @@ async def authorize_session(request: Request, runtime: RuntimeDep) -> JSONRespon
     except RateLimited as limited:
         return _error(429, str(limited), {"Retry-After": limited.header})
 
-    raw = await request.body()
-    try:
-        body: Any = json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
-        return _error(400, f"body is not valid JSON: {exc}")
-    if not isinstance(body, dict):
-        return _error(400, "body must be a JSON object")
     requested = body.get("agent_id")
     if requested is not None and requested != agent_id:
         return _error(403, f"agent_id {str(requested)[:80]!r} is not served by this backend")
@@ -107,13 +120,13 @@ async def authorize_session(request: Request, runtime: RuntimeDep) -> JSONRespon
     for key in _FORWARDED:
         value = body.get(key)
         if value is not None and not isinstance(value, str):
-            return _error(400, f"{key} must be a string")
+            raise PayloadError(f"{key} must be a string")
         if value:
             payload[key] = value
     for key in _METADATA:
         value = body.get(key)
         if value is not None and not isinstance(value, dict):
-            return _error(400, f"{key} must be a JSON object")
+            raise PayloadError(f"{key} must be a JSON object")
         # What the gate vouches for (the hook's user id, tenant) is written over whatever the browser claimed.
         merged = {**(value or {}), **caller.metadata}
         if merged and (value is not None or key == "metadata"):

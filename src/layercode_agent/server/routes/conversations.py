@@ -4,6 +4,12 @@ Every route needs `Authorization: Bearer <ADMIN_TOKEN>`, compared in constant ti
 mounts this router when `ADMIN_TOKEN` is set, so without one the paths are plain 404s. The answers
 are the models of `layercode_agent.conversations`, the same ones `layercode-agent conversations --json`
 prints.
+
+Every id the webhook accepts is reachable, `/` and all (`a/b`, `../x`): the rest of the path after
+`/api/conversations/` is the id (a `path` parameter), percent-decoded once, by uvicorn, so `%2F` is a
+slash in the id and `%252F` the three characters `%2F`. Encode dots too (`%2E%2E`) when an id is `.` or
+`..`, since HTTP clients resolve those segments before sending. The id is only ever a key in the store:
+nothing is a file path, so `..` reaches nothing but the conversation of that name.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ async def list_conversations(
 
 
 @router.get(
-    "/{conversation_id}",
+    "/{conversation_id:path}",
     response_model=None,
     summary="Read one conversation turn by turn",
     responses={
@@ -78,7 +84,7 @@ async def get_conversation(conversation_id: str, runtime: RuntimeDep) -> history
 
 
 @router.delete(
-    "/{conversation_id}",
+    "/{conversation_id:path}",
     status_code=204,
     response_model=None,
     summary="Delete a conversation and its session events",

@@ -17,7 +17,6 @@ grants CORS.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -32,7 +31,7 @@ from starlette.background import BackgroundTask
 
 from ...protocol import SIGNATURE_HEADER, sign
 from ..access import is_loopback_ip
-from ..deps import RuntimeDep
+from ..deps import RuntimeDep, read_body, read_json
 
 __all__ = ["PLAYGROUND_PATH", "is_loopback_host", "playground_refusal", "router"]
 
@@ -164,12 +163,8 @@ def _bad_request(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": "invalid body", "reason": reason}, status_code=status)
 
 
-def _check_body(raw: bytes) -> JSONResponse | None:
-    try:
-        body: Any = json.loads(raw)
-    except ValueError as exc:
-        return _bad_request(400, f"body is not valid JSON: {exc}")
-    if not isinstance(body, dict) or body.get("type") not in PAGE_TYPES:
+def _check_body(body: dict[str, Any]) -> JSONResponse | None:
+    if body.get("type") not in PAGE_TYPES:
         return _bad_request(422, f"body must be a JSON object whose type is one of {sorted(PAGE_TYPES)}")
     return None
 
@@ -205,9 +200,10 @@ async def proxy_webhook(request: Request, runtime: RuntimeDep) -> Response:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         return _bad_request(415, "the playground only accepts Content-Type: application/json")
-    raw = await request.body()
-    if (invalid := _check_body(raw)) is not None:
+    # Read and decoded as the webhook will (a 400 for what it would refuse as malformed); forwarded byte for byte.
+    if (invalid := _check_body(await read_json(request))) is not None:
         return invalid
+    raw = await read_body(request)
     if not runtime.secrets:
         return JSONResponse({"error": "no webhook secret configured"}, status_code=503)
     headers = {

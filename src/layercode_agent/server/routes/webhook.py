@@ -20,6 +20,8 @@ from ...protocol import (
     SIGNATURE_HEADER,
     SSE_HEADERS,
     DataEvent,
+    EndResponse,
+    InboundEvent,
     MessageEvent,
     OutboundEvent,
     SessionEndEvent,
@@ -32,9 +34,10 @@ from ...protocol import (
     parse_event,
     verify,
 )
-from ...turns import TurnTiming
-from ..deps import RuntimeDep
+from ...turns import DeliveryInProgressError, TurnTiming
+from ..deps import RuntimeDep, read_body
 from ..runtime import Runtime
+from ..streams import StreamSlot
 
 __all__ = ["router"]
 
@@ -52,33 +55,62 @@ async def _encoded(events: AsyncIterator[OutboundEvent]) -> AsyncIterator[bytes]
 
 
 class _CountedStream(EventSourceResponse):
-    """A reply stream that gives its conversation's slot back when it ends, however it ends."""
+    """A reply stream that gives its slot back when it ends, however it ends."""
 
-    def __init__(self, events: AsyncIterator[OutboundEvent], open_streams: dict[str, int], key: str) -> None:
+    def __init__(self, events: AsyncIterator[OutboundEvent], runtime: Runtime, slot: StreamSlot) -> None:
         super().__init__(_encoded(events), headers=SSE_HEADERS)
-        self._open_streams = open_streams
-        self._key = key
-        open_streams[key] = open_streams.get(key, 0) + 1
+        self._runtime = runtime
+        self._slot = slot
+        key = slot.conversation_id
+        runtime.open_streams[key] = runtime.open_streams.get(key, 0) + 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            left = self._open_streams.get(self._key, 1) - 1
+            self._runtime.stream_slots.release(self._slot)
+            open_streams, key = self._runtime.open_streams, self._slot.conversation_id
+            left = open_streams.get(key, 1) - 1
             if left > 0:
-                self._open_streams[self._key] = left
+                open_streams[key] = left
             else:
-                self._open_streams.pop(self._key, None)
+                open_streams.pop(key, None)
 
 
-def _too_many_streams(runtime: Runtime, key: str) -> Response | None:
-    """429 when the conversation already holds `MAX_STREAMS_PER_CONVERSATION` streams on this worker."""
-    limit = runtime.settings.max_streams_per_conversation
-    if runtime.open_streams.get(key, 0) < limit:
-        return None
-    logger.warning("refused a webhook of conversation %s: %d reply streams already open", key, limit)
-    reason = f"conversation {key} already has {limit} reply streams open (MAX_STREAMS_PER_CONVERSATION)"
+def _too_many_streams(runtime: Runtime, key: str, turn: str) -> StreamSlot | Response:
+    """A slot for a reply stream of this turn, or 429 past `MAX_STREAMS_PER_CONVERSATION` (`server/streams.py`).
+
+    Repeated deliveries and new turns are counted apart: a flood of replays never takes the stream the
+    caller's next message needs.
+    """
+    slot = runtime.stream_slots.admit(key, turn, runtime.settings.max_streams_per_conversation)
+    if isinstance(slot, StreamSlot):
+        return slot
+    logger.warning("refused a webhook of conversation %s: %s", key, slot)
+    reason = f"{slot} (MAX_STREAMS_PER_CONVERSATION)"
     return JSONResponse({"error": "too many streams", "reason": reason}, status_code=429, headers={"Retry-After": "1"})
+
+
+def _replay_of_deleted(event: InboundEvent) -> Response:
+    """The answer to a replayed webhook of a conversation deleted since: nothing is done, nothing is said."""
+    logger.info("answered a replayed webhook of deleted conversation %s without acting", event.conversation_key)
+    if isinstance(event, MessageEvent | SessionStartEvent):
+        return EventSourceResponse(_encoded(_only_end(event.turn_id)), headers=SSE_HEADERS)
+    return Response(b'{"status":"duplicate"}', media_type=_JSON)
+
+
+async def _only_end(turn_id: str | None) -> AsyncIterator[OutboundEvent]:
+    yield EndResponse(turn_id=turn_id)
+
+
+def _in_progress(exc: DeliveryInProgressError) -> Response:
+    """503 with `Retry-After` for a repeated delivery whose first one a live worker is still handling."""
+    logger.warning("a repeated delivery stopped waiting: %s", exc.reason)
+    return JSONResponse(
+        {"error": "delivery in progress", "reason": exc.reason},
+        status_code=503,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
 
 
 # The OpenAPI description of this route, for `app.openapi()` (not served in production; the schemathesis tests
@@ -219,7 +251,9 @@ _WEBHOOK_OPENAPI = {
     "responses": {
         "200": {
             "description": "`message`, `session.start`: an SSE stream of response events ending with"
-            ' `response.end`; `data`: a `response.data`; other types: `{"status": ...}`',
+            ' `response.end`; `data`: a `response.data`; other types: `{"status": ...}`. A replay of a webhook'
+            " of a conversation deleted since is answered without acting: a stream of only `response.end`, or"
+            ' `{"status": "duplicate"}`',
             "content": {
                 "text/event-stream": {"schema": _SSE_EVENT},
                 "application/json": {
@@ -237,12 +271,21 @@ _WEBHOOK_OPENAPI = {
                 },
             },
         },
-        "400": {"description": "The body is not UTF-8 JSON, or not an object", "content": _ERROR_BODY},
+        "400": {
+            "description": "The body is not UTF-8 JSON, not an object, nested over 64 levels deep, or a string in it"
+            " holds a lone surrogate (`\\ud800`); `reason` names the field",
+            "content": _ERROR_BODY,
+        },
         "401": {"description": "The signature is missing, malformed, stale or wrong", "content": _ERROR_BODY},
         "413": {"description": "The body is larger than `MAX_BODY_BYTES`"},
         "422": {"description": "A JSON object that is not a valid event", "content": _ERROR_BODY},
         "429": {"description": "The conversation already has too many reply streams open", "content": _ERROR_BODY},
-        "503": {"description": "The conversation store is unreachable", "content": _ERROR_BODY},
+        "503": {
+            "description": "The conversation store is unreachable; or (`data`, `session.end`, `session.update`) the"
+            " first delivery of the same body is still being handled by a live worker, with `Retry-After` and"
+            ' `{"error": "delivery in progress"}`',
+            "content": _ERROR_BODY,
+        },
     },
 }
 
@@ -255,7 +298,7 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     # A request that can never verify (no secret, no header, a malformed or stale one) is refused before its
     # body is read: a flood of them costs no body reads, no parsing, no store, no LLM.
     check_header(header, runtime.secrets)
-    body = await request.body()
+    body = await read_body(request)
     verify(body, header, runtime.secrets)
     timing.mark("signature_verified")
     event = parse_event(body)
@@ -263,21 +306,27 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     # same digest: the runner answers it from the first delivery instead of acting again.
     delivery = hashlib.sha256(body).hexdigest()
     runner = runtime.runner
+    if await runner.repeats_deleted(event, delivery):
+        return _replay_of_deleted(event)
     if isinstance(event, MessageEvent | SessionStartEvent):
-        key = event.conversation_key
-        if (refusal := _too_many_streams(runtime, key)) is not None:
-            return refusal
+        # Streams are counted by the turn they answer, named as the runner names it: a repeat has the same name.
+        slot = _too_many_streams(runtime, event.conversation_key, event.turn_id or delivery)
+        if not isinstance(slot, StreamSlot):
+            return slot
         if isinstance(event, MessageEvent):
             events = runner.stream_message(event, delivery=delivery, timing=timing)
         else:
             events = runner.stream_session_start(event)
-        return _CountedStream(events, runtime.open_streams, key)
-    if isinstance(event, DataEvent):
-        reply = await runner.handle_data(event, delivery=delivery)
-        return Response(encode_json(reply), media_type=_JSON)
-    if isinstance(event, SessionEndEvent | SessionUpdateEvent):
-        recorded = await runner.record_session_event(event, delivery=delivery)
-        return Response(b'{"status":"ok"}' if recorded else b'{"status":"duplicate"}', media_type=_JSON)
+        return _CountedStream(events, runtime, slot)
+    try:
+        if isinstance(event, DataEvent):
+            reply = await runner.handle_data(event, delivery=delivery)
+            return Response(encode_json(reply), media_type=_JSON)
+        if isinstance(event, SessionEndEvent | SessionUpdateEvent):
+            recorded = await runner.record_session_event(event, delivery=delivery)
+            return Response(b'{"status":"ok"}' if recorded else b'{"status":"duplicate"}', media_type=_JSON)
+    except DeliveryInProgressError as exc:
+        return _in_progress(exc)
     assert isinstance(event, UnknownEvent)
     logger.info("acknowledged unknown webhook type %r (conversation %s)", event.type, event.conversation_key)
     return Response(b'{"status":"ignored"}', media_type=_JSON)
