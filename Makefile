@@ -51,11 +51,13 @@ check: lint typecheck ## Lint + typecheck
 tunnel: install ## Expose the local server to Layercode's cloud (npx @layercode/cli tunnel; needs LAYERCODE_AGENT_ID)
 	$(UV) run --no-sync layercode-agent tunnel $(TUNNEL_ARGS)
 
-# The full latency bench of BENCHMARKS.md (about 10 minutes on 2 cores); figures also go to test-artifacts/.
-bench: install ## Latency bench: memory/SQLite/Redis at 1-100 conversations, --workers 2 (BENCH_ARGS="--levels 1,10")
+# The full latency bench of BENCHMARKS.md beside the framework-free floor (about 12 minutes on 2 cores); figures go
+# to test-artifacts/, the chart to test-artifacts/ and docs/bench.svg (BENCH_ARGS="--levels 1,10" for a quick look).
+bench: install ## Latency bench beside the floor: memory/SQLite/Redis at 1-100 conversations, --workers 2, chart
 	@command -v redis-server >/dev/null 2>&1 || { echo "make bench needs redis-server: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis"; exit 1; }
 	@mkdir -p test-artifacts
-	$(UV) run --no-sync python -m bench --json test-artifacts/bench.json --markdown test-artifacts/bench.md $(BENCH_ARGS)
+	$(UV) run --no-sync python -m bench --json test-artifacts/bench.json --markdown test-artifacts/bench.md \
+		--chart test-artifacts/bench.svg --chart docs/bench.svg $(BENCH_ARGS)
 
 # Where a turn's CPU goes, layer by layer (httpx, OpenAI SDK, pydantic-ai model and agent, the turn), about 3 minutes.
 bench-layers: install ## CPU per reply by layer of the stack (LAYERS_ARGS="--token-ms 0")

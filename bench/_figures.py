@@ -22,7 +22,10 @@ from typing import Any
 
 from .load import Conversation
 
-__all__ = ["LevelResult", "RunFigures", "Suite", "percentile", "run_figures"]
+__all__ = ["FLOOR_RATIOS", "LevelResult", "RunFigures", "Suite", "floor_ratios", "percentile", "run_figures"]
+
+FLOOR_RATIOS = ("overhead_p50", "overhead_p99", "to_llm_p50", "cpu_ms_per_turn", "turns_per_s")
+"""The figures every table also shows as a ratio to the floor's (`bench.floor`, measured in the same bench)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -205,9 +208,23 @@ class LevelResult:
         return summary
 
 
+def ratio(value: float | None, floor: float | None) -> float | None:
+    """`value / floor`, `None` when either is missing or the floor's is not positive."""
+    if value is None or floor is None or floor <= 0:
+        return None
+    return value / floor
+
+
+def floor_ratios(figures: RunFigures, floor: RunFigures | None) -> dict[str, float | None]:
+    """Each of `FLOOR_RATIOS` as the project's figure divided by the floor's (empty without a floor)."""
+    if floor is None:
+        return {}
+    return {name: ratio(getattr(figures, name), getattr(floor, name)) for name in FLOOR_RATIOS}
+
+
 @dataclass
 class Suite:
-    """One store under one server configuration: every level measured against one server."""
+    """One store under one server configuration (or the floor): every level measured against one backend."""
 
     store: str
     store_url: str
@@ -217,23 +234,36 @@ class Suite:
     notes: list[str] = field(default_factory=list[str])
 
     @property
+    def is_floor(self) -> bool:
+        return self.store == "floor"
+
+    @property
     def title(self) -> str:
+        if self.is_floor:
+            return "floor (framework-free aiohttp backend, memory)"
         workers = "1 worker" if self.workers == 1 else f"{self.workers} workers"
         return f"{self.store} ({workers})"
 
-    def as_json(self) -> dict[str, Any]:
+    def level(self, concurrency: int) -> LevelResult | None:
+        """The level measured at `concurrency`, if any."""
+        return next((level for level in self.levels if level.concurrency == concurrency), None)
+
+    def as_json(self, floor: Suite | None = None) -> dict[str, Any]:
+        """Every run and median; with `floor`, each level's `vs_floor` ratios too."""
+        levels: list[dict[str, Any]] = []
+        for level in self.levels:
+            summary = level.summary
+            entry: dict[str, Any] = {"concurrency": level.concurrency, "median": asdict(summary)}
+            if floor is not None:
+                base = floor.level(level.concurrency)
+                entry["vs_floor"] = floor_ratios(summary, base.summary if base else None)
+            entry["runs"] = [asdict(r) for r in level.runs]
+            levels.append(entry)
         return {
             "store": self.store,
             "store_url": self.store_url,
             "workers": self.workers,
             "pinning": self.pinning,
             "notes": self.notes,
-            "levels": [
-                {
-                    "concurrency": level.concurrency,
-                    "median": asdict(level.summary),
-                    "runs": [asdict(r) for r in level.runs],
-                }
-                for level in self.levels
-            ],
+            "levels": levels,
         }

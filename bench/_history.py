@@ -3,7 +3,8 @@
 Each conversation must hold exactly its turns, in order: the caller's words with their `turn_id`, and a
 `completed` reply with the words the fake LLM streamed. SQLite and Redis are opened with `open_store`, as another
 worker would; the memory store lives inside the server, so it is read through the admin API, which answers with
-the same `ConversationDetail` (`layercode_agent.conversations`).
+the same `ConversationDetail` (`layercode_agent.conversations`). The floor (`bench.floor`, store URL `floor://`)
+serves what it kept at `GET /history/{conversation_id}`, read into the same `ConversationDetail`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 
 import httpx
 
-from layercode_agent.conversations import ConversationDetail, get_conversation
+from layercode_agent.conversations import ConversationDetail, TurnView, get_conversation
 from layercode_agent.stores import StoreError, open_store
 
 from .load import Conversation
@@ -71,16 +72,22 @@ async def check_history(
 async def _read(
     conversations: list[Conversation], store_url: str, server_base: str, admin_token: str
 ) -> list[ConversationDetail | None]:
-    if not store_url.startswith("memory://"):
+    floor = store_url.startswith("floor://")
+    if not floor and not store_url.startswith("memory://"):
         async with open_store(store_url) as store:
             return [await get_conversation(store, c.conversation_id) for c in conversations]
     details: list[ConversationDetail | None] = []
-    headers = {"authorization": f"Bearer {admin_token}"}
+    headers = {} if floor else {"authorization": f"Bearer {admin_token}"}
     async with httpx.AsyncClient(base_url=server_base, headers=headers, timeout=30) as http:
         for conversation in conversations:
-            response = await http.get(f"/api/conversations/{conversation.conversation_id}")
+            cid = conversation.conversation_id
+            response = await http.get(f"/history/{cid}" if floor else f"/api/conversations/{cid}")
             if response.status_code == 404:
                 details.append(None)
+            elif floor:
+                response.raise_for_status()
+                turns = [TurnView(kind="message", **turn) for turn in response.json()["turns"]]
+                details.append(ConversationDetail(conversation_id=cid, turns=turns))
             else:
                 response.raise_for_status()
                 details.append(ConversationDetail.model_validate_json(response.content))

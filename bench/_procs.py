@@ -35,6 +35,7 @@ _T = TypeVar("_T")
 __all__ = [
     "REPO",
     "FakeLLMProcess",
+    "FloorProcess",
     "Pinning",
     "available_cores",
     "RedisProcess",
@@ -71,11 +72,11 @@ class Pinning:
     load: list[int] | None
     notes: list[str] = field(default_factory=list[str])
 
-    def describe(self, *, redis: bool = False) -> str:
+    def describe(self, *, redis: bool = False, backend: str = "server") -> str:
         if self.server is None or self.load is None:
             return "not pinned"
         others = "load generator, fake LLM and Redis" if redis else "load generator and fake LLM"
-        return f"server on {_on(self.server)}, {others} on {_on(self.load)}"
+        return f"{backend} on {_on(self.server)}, {others} on {_on(self.load)}"
 
 
 def _on(cores: Sequence[int]) -> str:
@@ -249,6 +250,38 @@ class FakeLLMProcess:
         self.loop = str(ready["loop"])
         self.base = f"http://127.0.0.1:{ready['port']}"
         self.base_url = f"{self.base}/v1"
+
+    def stop(self) -> None:
+        _stop(self.process, signal.SIGTERM)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class FloorProcess:
+    """`python -m bench.floor`, the framework-free reference backend, pinned like the server (one process)."""
+
+    store_url = "floor://"
+    """Where its history is read back: its own `GET /history/{conversation_id}`."""
+    admin_token = ""
+
+    def __init__(self, *, llm_base_url: str, cores: list[int] | None) -> None:
+        self.secret = "bench_" + secrets.token_hex(16)
+        argv = [sys.executable, "-m", "bench.floor", "--port", "0", "--llm-base-url", llm_base_url]
+        env = {**os.environ, "FLOOR_WEBHOOK_SECRET": self.secret}
+        self.process = _spawn(argv, cores, cwd=REPO, env=env, stdout=subprocess.PIPE)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=10)
+            raise RuntimeError(f"the floor exited with {self.process.returncode} before it listened")
+        ready = json.loads(line)
+        self.pid = self.process.pid
+        self.loop = str(ready["loop"])
+        self.port = int(ready["port"])
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        return process_tree(self.pid)
 
     def stop(self) -> None:
         _stop(self.process, signal.SIGTERM)

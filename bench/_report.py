@@ -107,8 +107,10 @@ def markdown_section(
     settings: dict[str, Any],
     took: float,
     command: str,
+    floor: Suite | None = None,
+    chart: str | None = None,
 ) -> str:
-    """The `## Results` section of BENCHMARKS.md, ready to paste."""
+    """The `## Results` section of BENCHMARKS.md, ready to paste; `chart` is the chart's path in the repository."""
     parts = [
         "## Results",
         "",
@@ -119,12 +121,15 @@ def markdown_section(
         "",
         LEGEND,
     ]
-    for suite in suites:
-        parts += ["", f"### {suite.title}: {suite.pinning}", "", markdown_table(suite)]
+    if chart is not None:
+        alt = "overhead p50, overhead p99 and CPU per turn against concurrent conversations, project vs floor"
+        parts += ["", f"![{alt}]({chart})"]
+    for suite in [floor, *suites] if floor is not None else suites:
+        parts += ["", f"### {suite.title}: {suite.pinning}", "", markdown_table(suite, floor)]
         parts += [f"\nNote: {note}" for note in suite.notes]
     if scaling is not None:
         baseline, scaled = scaling
         parts += ["", f"### {scaled.store}: --workers {scaled.workers} vs 1", "", f"{scaled.pinning}.", ""]
-        parts += [markdown_scaling(baseline, scaled)]
+        parts += [markdown_scaling(baseline, scaled, floor)]
         parts += [f"\nNote: {note}" for note in scaled.notes]
     return "\n".join(parts) + "\n"

@@ -1,9 +1,11 @@
-"""`python -m bench`: start the fake LLM, the store and the real server, pinned; load them level by level; report.
+"""`python -m bench`: start the fake LLM, the floor, the stores and the real server, pinned; load each; report.
 
-For each store, one server is started and warmed up; then for each level C, `--runs` times, C conversations of
+First the floor (`bench.floor`, a framework-free backend on the server's core) and then, for each store, one
+server is started and warmed up; then for each level C, `--runs` times, C conversations of
 `--turns` turns run at once and the run's figures are taken (see `_figures`). Each run's history is checked in the
 store afterwards. The tables show each figure's median over the runs. With `--scale-workers N`, the
-`--scale-store` is also measured under `serve --workers N` at `--scale-levels`, against `--workers 1`.
+`--scale-store` is also measured under `serve --workers N` at `--scale-levels`, against `--workers 1`. Every table
+shows the project's figures with their ratio to the floor's at the same level; `--chart` draws them.
 
 Exit status: 0 when every turn was answered and stored correctly, 1 when any was lost, 2 on bad options.
 """
@@ -28,10 +30,13 @@ from typing import Any, TypeVar
 import httpx
 from rich.console import Console
 
+from ._chart import chart_svg
 from ._figures import CPUWindow, LevelResult, RunFigures, Suite, run_figures
 from ._history import check_history
 from ._procs import (
+    REPO,
     FakeLLMProcess,
+    FloorProcess,
     Pinning,
     RedisProcess,
     ServerProcess,
@@ -101,6 +106,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--json", type=Path, help="write every figure (each run, medians, machine) here")
     parser.add_argument("--markdown", type=Path, help="write the results section of BENCHMARKS.md here")
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        action="append",
+        default=[],
+        help="write the chart (SVG: overhead p50/p99 and CPU per turn, project vs floor) here; repeatable",
+    )
+    floor = parser.add_mutually_exclusive_group()
+    floor.add_argument("--no-floor", action="store_true", help="do not measure the floor (no ratios in the tables)")
+    floor.add_argument("--floor-only", action="store_true", help="measure only the floor (no project server)")
     args = parser.parse_args(argv)
     for name in ("turns", "runs", "workers", "tokens"):
         if getattr(args, name) < 1:
@@ -118,7 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @dataclass
 class _Parties:
     fake: FakeLLMProcess
-    server: ServerProcess
+    server: ServerProcess | FloorProcess
     redis: RedisProcess | None
     pinning: Pinning
 
@@ -258,14 +273,16 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def run_suite(args: argparse.Namespace, store: str, workers: int, levels: list[int], console: Console) -> Suite:
-    """Start everything for one store and worker count, measure every level, stop everything."""
+    """Start everything for one store (or `"floor"`) and worker count, measure every level, stop everything."""
     pinning = plan_pinning(workers, pin=not args.no_pin)
     pin_self(pinning.load)
     with contextlib.ExitStack() as stack:
         fake = FakeLLMProcess(ttft_ms=args.ttft_ms, tokens=args.tokens, token_ms=args.token_ms, cores=pinning.load)
         stack.callback(fake.stop)
         redis: RedisProcess | None = None
-        if store == "redis":
+        if store == "floor":
+            store_url = FloorProcess.store_url
+        elif store == "redis":
             redis = RedisProcess(pinning.load)
             stack.callback(redis.stop)
             store_url = f"{redis.url}?prefix=bench:"
@@ -274,9 +291,15 @@ def run_suite(args: argparse.Namespace, store: str, workers: int, levels: list[i
             store_url = f"sqlite:///{Path(directory) / 'bench.db'}"
         else:
             store_url = "memory://"
-        where = pinning.describe(redis=redis is not None)
+        where = pinning.describe(redis=redis is not None, backend="floor" if store == "floor" else "server")
         console.print(f"[bold]{store}[/] with {workers} worker(s): {where}", highlight=False)
-        server = ServerProcess(store_url=store_url, llm_base_url=fake.base_url, workers=workers, cores=pinning.server)
+        server: ServerProcess | FloorProcess
+        if store == "floor":
+            server = FloorProcess(llm_base_url=fake.base_url, cores=pinning.server)
+        else:
+            server = ServerProcess(
+                store_url=store_url, llm_base_url=fake.base_url, workers=workers, cores=pinning.server
+            )
         stack.callback(server.stop)
         notes = [*pinning.notes]
         if fake.loop != "uvloop":
@@ -307,6 +330,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "scale_workers": args.scale_workers,
         "scale_levels": args.scale_levels,
         "scale_store": args.scale_store,
+        "floor": not args.no_floor,
+        "floor_only": args.floor_only,
     }
 
 
@@ -321,22 +346,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"[bold]Machine[/]: {machine_line(machine)}", highlight=False)
     console.print(f"[bold]Settings[/]: {settings_line(settings)}", highlight=False)
     began = time.monotonic()
+    floor: Suite | None = None
+    if not args.no_floor:
+        floor = run_suite(args, "floor", 1, args.levels, console)
+        console.print(rich_table(floor))
     suites: list[Suite] = []
-    for store in args.stores:
+    for store in [] if args.floor_only else args.stores:
         suite = run_suite(args, store, args.workers, args.levels, console)
         suites.append(suite)
-        console.print(rich_table(suite))
+        console.print(rich_table(suite, floor))
     scaling: tuple[Suite, Suite] | None = None
-    if args.scale_workers > 1:
-        scaling = _scaling(args, suites, console)
+    if args.scale_workers > 1 and not args.floor_only:
+        scaling = _scaling(args, suites, console, floor)
     took = time.monotonic() - began
     console.print()
-    for suite in suites:
-        console.print(rich_table(suite))
+    for suite in [floor, *suites] if floor is not None else suites:
+        console.print(rich_table(suite, floor))
         for note in suite.notes:
             console.print(f"[dim]Note: {note}[/]", highlight=False)
     if scaling is not None:
-        console.print(rich_scaling(*scaling))
+        console.print(rich_scaling(*scaling, floor))
         for note in scaling[1].notes:
             console.print(f"[dim]Note: {note}[/]", highlight=False)
     console.print(f"[dim]{LEGEND}[/]", highlight=False)
@@ -350,17 +379,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "settings": settings,
             "took_s": took,
-            "suites": [suite.as_json() for suite in everything],
+            "floor": floor.as_json() if floor is not None else None,
+            "suites": [suite.as_json(floor) for suite in everything],
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if args.chart:
+        svg = chart_svg(suites, floor)
+        for path in args.chart:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(svg, encoding="utf-8")
+            console.print(f"Chart: {path}", highlight=False)
     if args.markdown is not None:
-        section = markdown_section(suites, scaling, machine, settings, took, command)
+        section = markdown_section(suites, scaling, machine, settings, took, command, floor, _chart_link(args.chart))
         args.markdown.write_text(section, encoding="utf-8")
-    lost = any(level.summary.errors or level.summary.defects for suite in everything for level in suite.levels)
+    measured = everything + ([floor] if floor is not None else [])
+    lost = any(level.summary.errors or level.summary.defects for suite in measured for level in suite.levels)
     return 1 if lost else 0
 
 
-def _scaling(args: argparse.Namespace, suites: list[Suite], console: Console) -> tuple[Suite, Suite] | None:
+def _chart_link(charts: list[Path]) -> str | None:
+    """The chart's path relative to the repository, for BENCHMARKS.md (one outside test-artifacts/ preferred)."""
+    inside = [path.resolve() for path in charts if path.resolve().is_relative_to(REPO)]
+    inside.sort(key=lambda path: path.is_relative_to(REPO / "test-artifacts"))
+    return inside[0].relative_to(REPO).as_posix() if inside else None
+
+
+def _scaling(
+    args: argparse.Namespace, suites: list[Suite], console: Console, floor: Suite | None
+) -> tuple[Suite, Suite] | None:
     store, workers, levels = args.scale_store, args.scale_workers, args.scale_levels
     if len(available_cores()) < workers:
         console.print(f"[yellow]Skipping --workers {workers}: fewer than {workers} cores are available.[/]")
@@ -378,7 +424,7 @@ def _scaling(args: argparse.Namespace, suites: list[Suite], console: Console) ->
     if baseline is None:
         baseline = run_suite(args, store, 1, levels, console)
     scaled = run_suite(args, store, workers, levels, console)
-    console.print(rich_scaling(baseline, scaled))
+    console.print(rich_scaling(baseline, scaled, floor))
     return baseline, scaled
 
 
