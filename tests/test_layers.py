@@ -17,7 +17,8 @@ FORBIDDEN: dict[str, set[str]] = {
     },
     "agent": {"protocol", "stores", "turns", "server", "cli", "client", "config", "fastapi", "starlette"},
     "stores": {"protocol", "agent", "turns", "server", "cli", "client", "config", "fastapi", "starlette"},
-    "turns.py": {"server", "cli", "fastapi", "starlette"},
+    "history.py": {"protocol", "agent", "turns", "server", "cli", "client", "config", "fastapi", "starlette"},
+    "turns": {"server", "cli", "fastapi", "starlette"},
     "conversations.py": {"server", "cli", "turns", "fastapi", "starlette"},
     # Metrics and spans sit beside the turn runner; the HTTP edge only mounts their exposition.
     "observability.py": {"server", "cli", "fastapi", "starlette"},

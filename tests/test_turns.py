@@ -15,10 +15,18 @@ import pytest
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
 from pydantic_ai.messages import (
+    FunctionToolCallEvent,
+    FunctionToolResultEvent,
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    PartDeltaEvent,
+    PartEndEvent,
+    PartStartEvent,
+    TextPart,
+    TextPartDelta,
     ToolCallPart,
+    ToolCallPartDelta,
     ToolReturnPart,
     UserPromptPart,
 )
@@ -27,9 +35,20 @@ from pydantic_ai.usage import UsageLimits
 
 from layercode_agent.agent import APOLOGY, TOOL_FILLER, build_agent
 from layercode_agent.history import turn_meta
-from layercode_agent.protocol import DataEvent, MessageEvent, OutboundEvent, SessionEndEvent, SessionStartEvent
+from layercode_agent.protocol import (
+    DataEvent,
+    DataResponse,
+    EndResponse,
+    MessageEvent,
+    OutboundEvent,
+    SessionEndEvent,
+    SessionStartEvent,
+    TTSResponse,
+)
 from layercode_agent.stores import AgentStore, MemoryStore, SQLiteStore, StoreUnavailableError
-from layercode_agent.turns import TurnObserver, TurnReport, TurnRunner
+from layercode_agent.turns import Stage, TurnObserver, TurnReport, TurnRunner, TurnTiming
+from layercode_agent.turns.adapter import ReplyAdapter
+from layercode_agent.turns.state import Phase, Turn
 
 from .fakes.history import said
 
@@ -949,3 +968,75 @@ async def test_text_heard_is_kept_only_as_a_prefix_of_what_was_sent(
         assert len(refused) == 1 and "evil" not in refused[0], refused
     else:
         assert refused == []
+
+
+# --- The parts the runner composes ------------------------------------------------------------------
+
+
+def test_the_adapter_speaks_cleaned_text_and_reports_tools_keeping_only_calls_that_returned() -> None:
+    timing = TurnTiming()
+    adapter = ReplyAdapter("t1", timing, tool_filler="One moment.")
+    call = ToolCallPart("lookup", {"q": "x"}, tool_call_id="c1")
+    unanswered = ToolCallPart("other", {}, tool_call_id="c2")
+    returned = ToolReturnPart("lookup", "42", tool_call_id="c1")
+    table: list[tuple[Any, list[OutboundEvent]]] = [
+        (PartStartEvent(index=0, part=TextPart("**Hi** ")), [TTSResponse(content="Hi ", turn_id="t1")]),
+        (
+            PartDeltaEvent(index=0, delta=TextPartDelta(content_delta="there [sigh")),
+            [TTSResponse(content="there ", turn_id="t1")],
+        ),
+        (
+            PartDeltaEvent(index=0, delta=TextPartDelta(content_delta="] now")),
+            [TTSResponse(content="now", turn_id="t1")],
+        ),
+        (PartEndEvent(index=0, part=TextPart("**Hi** there [sigh] now")), []),
+        (
+            FunctionToolCallEvent(part=call),
+            [DataResponse(content={"tool": "lookup", "status": "running"}, turn_id="t1")],
+        ),
+        (
+            FunctionToolResultEvent(part=returned),
+            [DataResponse(content={"tool": "lookup", "status": "done"}, turn_id="t1")],
+        ),
+        # Nothing said since the model was asked again: the filler covers the silence.
+        (
+            FunctionToolCallEvent(part=unanswered),
+            [
+                TTSResponse(content="One moment. ", turn_id="t1"),
+                DataResponse(content={"tool": "other", "status": "running"}, turn_id="t1"),
+            ],
+        ),
+        (PartDeltaEvent(index=1, delta=ToolCallPartDelta(args_delta="{}")), []),
+    ]
+    for event, expected in table:
+        assert list(adapter.convert(event)) == expected, event
+    assert adapter.flush() == ()
+    assert adapter.finished_calls == [(call, returned)]
+    assert list(adapter.calls) == ["c2"]
+    assert list(timing.stages) == [Stage.LLM_FIRST_TOKEN.value]
+
+
+async def test_a_turn_is_cancelled_only_while_it_answers_and_reported_once_both_sides_are_done() -> None:
+    reports: list[Turn] = []
+    turn = Turn("conv", "t1", report=reports.append)
+    turn.task = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+    try:
+        turn.stop()  # Beginning: never cut short, but the stop is remembered.
+        assert turn.stop_requested and not turn.task.cancelled()
+        turn.enter(Phase.ANSWERING)
+        turn.stop()
+        await asyncio.sleep(0)
+        assert turn.task.cancelled()
+    finally:
+        turn.task.cancel()
+    turn.queue.put_nowait(TTSResponse(content="Hi", turn_id="t1"))
+    turn.queue.put_nowait(None)
+    events = turn.events()
+    assert await anext(events) == TTSResponse(content="Hi", turn_id="t1")
+    turn.enter(Phase.FINISHED)
+    turn.maybe_report()
+    assert reports == [], "the response still streams"
+    assert [event async for event in events] == [EndResponse(turn_id="t1")]
+    assert reports == [turn] and turn.phase is Phase.REPORTED
+    turn.maybe_report()
+    assert reports == [turn], "reported once"

@@ -15,6 +15,9 @@ Only the newest messages ever change: the placeholder becomes the reply, and an 
 becomes what the caller heard. [`History.change`][layercode_agent.history.History.change] does that
 atomically: it reads the log, lets a pure function decide, and writes the new tail with the record's
 revision check, retrying when another worker wrote first. The log never branches for it.
+
+The decisions themselves are pure functions here too (`decide_begin`, `decide_close`, what the caller
+heard, the messages that close a turn), so they are tested as tables, without a store or a model.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    ModelResponsePart,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+)
 from pydantic_ai.usage import RunUsage
 
 from .stores import AgentStore, StoreError
@@ -39,19 +50,35 @@ __all__ = [
     "INTERRUPTED",
     "LOST",
     "PENDING",
+    "BargeIn",
+    "Busy",
     "Change",
+    "Duplicate",
     "Heard",
     "History",
     "ReplyState",
+    "Started",
+    "TakeOver",
+    "Unclosed",
     "as_heard",
+    "closing_messages",
+    "decide_begin",
+    "decide_close",
     "find_reply",
     "has_turn",
+    "is_placeholder",
     "last_reply",
     "llm_messages",
+    "lost_reply",
     "pending_reply",
     "reply_text",
+    "result_messages",
+    "rewritten_as_heard",
+    "stored_as",
     "turn_meta",
+    "unmarked",
     "what_was_heard",
+    "with_filler",
 ]
 
 PENDING = "pending"
@@ -328,3 +355,262 @@ class History:
         raise StoreError(
             f"conversation {conversation_id!r} kept changing while saving; gave up after {self.attempts} attempts"
         )
+
+
+# --- The pure decisions of a turn's record -----------------------------------------------------------
+#
+# The turn runner decides what to store by these functions alone: each takes the log (and what the
+# runner knows) and returns what to write, so `History.change` can run them again after a conflict.
+
+
+class BargeIn(Protocol):
+    """What Layercode said of the reply the caller barged into (its `interruption_context`)."""
+
+    @property
+    def previous_turn_interrupted(self) -> bool:
+        """Whether the caller cut the previous reply off."""
+        ...
+
+    @property
+    def assistant_turn_id(self) -> str | None:
+        """The turn of the reply cut off, if Layercode named it."""
+        ...
+
+    @property
+    def text_heard(self) -> str | None:
+        """What the caller heard of it, as Layercode reports it."""
+        ...
+
+    @property
+    def words_heard(self) -> int | None:
+        """How many of its words the caller heard."""
+        ...
+
+
+@dataclass(frozen=True)
+class Unclosed:
+    """A turn's closing messages the store did not take: kept for the conversation's next turn on this worker."""
+
+    turn_id: str
+    closing: list[ModelMessage]
+    usage: RunUsage | None
+
+    @property
+    def text(self) -> str:
+        """The reply's text, as stored."""
+        reply = self.closing[-1]
+        return reply_text(reply) if isinstance(reply, ModelResponse) else ""
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """The open turn a new turn closes itself, and what this worker knows of its reply."""
+
+    turn_id: str | None
+    sent: str | None = None
+    """What its response passed on to Layercode, when this worker streamed it."""
+    kept: Unclosed | None = None
+    """Its closing messages, when this worker's store write of them failed."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """Beginning a turn stored its first messages."""
+
+    messages: list[ModelMessage]
+    """The log as it now stands, ending with the new turn's messages."""
+    refused: str | None = None
+    """Why the `interruption_context` was not taken as it came, for the log."""
+    recovered: Unclosed | None = None
+    """A reply of this worker the store had not taken, now stored with this turn's first messages."""
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The log already holds the turn: a repeated delivery."""
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another turn is still open (streaming, or its worker died): it must be closed first."""
+
+    turn_id: str | None
+    owner: str | None
+
+
+def decide_begin(
+    messages: list[ModelMessage],
+    record: ConversationRecord | None,
+    *,
+    turn_id: str,
+    delivery: str | None,
+    new_messages: list[ModelMessage],
+    interruption: BargeIn | None,
+    take_over: TakeOver | None,
+    spoken: Callable[[str], str],
+) -> Change[Started | Duplicate | Busy]:
+    """How beginning a turn changes the log: nothing for a duplicate or while another turn is open.
+
+    Otherwise the open turn named by `take_over` is closed (with this worker's unstored reply when it
+    has one, else as `lost`), a reply the caller barged into becomes what they heard, and
+    `new_messages` follow. `spoken` turns a reply as the model wrote it into what the stream carried.
+    """
+    if has_turn(messages, turn_id, delivery):
+        return Change(Duplicate())
+    keep = len(messages)
+    replaced: list[ModelMessage] = []
+    refused: str | None = None
+    recovered: Unclosed | None = None
+    usage: RunUsage | None = None
+    barged_in = interruption if interruption is not None and interruption.previous_turn_interrupted else None
+    open_reply = pending_reply(messages)
+    if open_reply is not None:
+        if take_over is None or open_reply.turn_id != take_over.turn_id:
+            return Change(Busy(open_reply.turn_id, open_reply.owner))
+        keep = open_reply.index
+        heard = barged_in if barged_in and barged_in.assistant_turn_id in {None, open_reply.turn_id} else None
+        kept = take_over.kept
+        if kept is not None and kept.turn_id == open_reply.turn_id:
+            # This worker's reply, which the store did not take: stored now as its turn meant to close.
+            closing = list(kept.closing)
+            if heard is not None:
+                closing[-1], refused = rewritten_as_heard(closing[-1], heard, spoken)
+            replaced = [*closing, *messages[open_reply.index + 1 :]]
+            recovered = kept
+            if kept.usage is not None:
+                usage = (record.usage if record is not None else RunUsage()) + kept.usage
+        else:
+            lost, refused = lost_reply(open_reply.turn_id, take_over.sent, heard)
+            replaced = [lost, *messages[open_reply.index + 1 :]]
+    elif barged_in is not None:
+        reply = last_reply(messages)
+        if reply is not None and barged_in.assistant_turn_id in {None, reply.turn_id}:
+            keep = reply.index
+            rewritten, refused = rewritten_as_heard(messages[reply.index], barged_in, spoken)
+            replaced = [rewritten]
+    added = [*replaced, *new_messages]
+    started = Started([*messages[:keep], *added], refused=refused, recovered=recovered)
+    return Change(started, keep=keep, add=added, usage=usage)
+
+
+def decide_close(
+    messages: list[ModelMessage],
+    record: ConversationRecord | None,
+    *,
+    turn_id: str,
+    owner: str,
+    closing: list[ModelMessage],
+    usage: RunUsage | None,
+) -> Change[bool]:
+    """Replace this worker's placeholder of `turn_id` with `closing`, adding `usage` to the conversation's total.
+
+    The result is False if another worker closed it first; a reply already stored as `closing` (a
+    close written though the store said it failed) counts as closed.
+    """
+    reply = find_reply(messages, turn_id)
+    if reply is None or reply.status != PENDING or reply.owner != owner:
+        return Change(reply is not None and stored_as(reply, closing))
+    total = None if usage is None else (record.usage if record is not None else RunUsage()) + usage
+    return Change(True, keep=reply.index, add=[*closing, *messages[reply.index + 1 :]], usage=total)
+
+
+def rewritten_as_heard(
+    message: ModelMessage, barged_in: BargeIn, spoken: Callable[[str], str]
+) -> tuple[ModelMessage, str | None]:
+    """A reply the caller barged into, rewritten to what they heard of it; and why `text_heard` was refused.
+
+    What was sent is the reply as spoken (`spoken` of what the model wrote, which is what the stream
+    carried), the first time it is rewritten as its `text_sent`.
+    """
+    if not isinstance(message, ModelResponse):
+        return as_heard(message, None), None
+    sent = _meta(message).get("text_sent")
+    heard = what_was_heard(
+        spoken(sent if isinstance(sent, str) else reply_text(message)), barged_in.text_heard, barged_in.words_heard
+    )
+    return as_heard(message, heard.text), heard.refused
+
+
+def lost_reply(turn_id: str | None, sent: str | None, barged_in: BargeIn | None) -> tuple[ModelResponse, str | None]:
+    """The reply of a turn a new turn closes itself: the words its stream sent when this worker knows them.
+
+    Layercode's `interruption_context`, when it speaks of this turn, cuts them to what the caller
+    heard; without them, it is all there is to go on.
+    """
+    meta = turn_meta(turn_id, "assistant", LOST)
+    text = sent or ""
+    refused: str | None = None
+    if barged_in is not None and sent is not None:
+        heard = what_was_heard(sent, barged_in.text_heard, barged_in.words_heard)
+        refused = heard.refused
+        if heard.text is not None:
+            meta["text_sent"] = sent
+            meta["text_heard"] = text = heard.text
+    elif barged_in is not None and barged_in.text_heard is not None:
+        meta["text_heard"] = text = barged_in.text_heard
+    return ModelResponse(parts=[TextPart(text)] if text else [], metadata=meta), refused
+
+
+def stored_as(reply: ReplyState, closing: list[ModelMessage]) -> bool:
+    """Whether a stored reply is the one `closing` ends with (a close written though the store said it failed)."""
+    last = closing[-1]
+    return (
+        isinstance(last, ModelResponse) and reply.status == _meta(last).get("status") and reply.text == reply_text(last)
+    )
+
+
+def is_placeholder(messages: Sequence[ModelMessage]) -> bool:
+    """Whether the messages end with a reply still to be streamed."""
+    return bool(messages) and _meta(messages[-1]).get("status") == PENDING
+
+
+def with_filler(message: ModelMessage, filler: str) -> ModelMessage:
+    """The reply with the filler spoken before it at the start of its text."""
+    if not isinstance(message, ModelResponse):
+        return message
+    parts = list(message.parts)
+    for index, part in enumerate(parts):
+        if isinstance(part, TextPart):
+            parts[index] = replace(part, content=filler + part.content)
+            return replace(message, parts=parts)
+    return replace(message, parts=[TextPart(filler.strip()), *parts])
+
+
+def closing_messages(
+    turn_id: str, finished_calls: Sequence[tuple[ToolCallPart, ToolReturnPart]], text: str, status: str
+) -> list[ModelMessage]:
+    """The messages that close a turn cut short: the tool calls that returned, then the reply's text.
+
+    Only tool calls that returned are kept: the history never holds a call without its result.
+    """
+    messages: list[ModelMessage] = []
+    if finished_calls:
+        messages.append(ModelResponse(parts=[call for call, _ in finished_calls], metadata=turn_meta(turn_id, "tool")))
+        messages.append(ModelRequest(parts=[ret for _, ret in finished_calls], metadata=turn_meta(turn_id, "tool")))
+    parts = [TextPart(text)] if text else []
+    messages.append(ModelResponse(parts=parts, metadata=turn_meta(turn_id, "assistant", status)))
+    return messages
+
+
+def result_messages(messages: Sequence[ModelMessage], turn_id: str, interrupted_mark: str) -> list[ModelMessage]:
+    """A finished run's messages marked as this turn's: tool traffic, then the reply.
+
+    A model that copied the interruption mark from its history gets it removed here (the caller
+    never heard it either: the voice cleaner drops bracketed text), so it never spreads.
+    """
+    marked: list[ModelMessage] = []
+    last = len(messages) - 1
+    for index, message in enumerate(messages):
+        role = "assistant" if index == last and isinstance(message, ModelResponse) else "tool"
+        status = COMPLETED if role == "assistant" else None
+        if role == "assistant" and interrupted_mark and isinstance(message, ModelResponse):
+            message = replace(message, parts=[unmarked(part, interrupted_mark) for part in message.parts])
+        marked.append(replace(message, metadata={**_meta(message), **turn_meta(turn_id, role, status)}))
+    return marked
+
+
+def unmarked(part: ModelResponsePart, interrupted_mark: str) -> ModelResponsePart:
+    """A reply part without the interruption mark (and the spaces it leaves)."""
+    if not isinstance(part, TextPart) or not interrupted_mark or interrupted_mark not in part.content:
+        return part
+    return replace(part, content=" ".join(part.content.replace(interrupted_mark, " ").split()))

@@ -1,7 +1,7 @@
 """Example tools for the built-in agent.
 
 While a tool runs, the caller hears a short filler and the client gets a `response.data` with the
-tool's status (see `turns.py`). Replace these with your own through `AGENT=module:attribute`.
+tool's status (see `turns/adapter.py`). Replace these with your own through `AGENT=module:attribute`.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ...protocol import (
     parse_event,
     verify,
 )
-from ...turns import DeliveryInProgressError, TurnTiming
+from ...turns import DeliveryInProgressError, Stage, TurnTiming
 from ..deps import RuntimeDep, read_body
 from ..runtime import Runtime
 from ..streams import StreamSlot
@@ -300,7 +300,7 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     check_header(header, runtime.secrets)
     body = await read_body(request)
     verify(body, header, runtime.secrets)
-    timing.mark("signature_verified")
+    timing.mark(Stage.SIGNATURE_VERIFIED)
     event = parse_event(body)
     # The same body delivered twice (a retry, or a replay within the signature's tolerance) has the
     # same digest: the runner answers it from the first delivery instead of acting again.
