@@ -137,6 +137,10 @@ class Settings(BaseSettings):
 
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
+    openai_client: Literal["lean", "sdk"] = "lean"
+    """How `openai-chat:` models are reached: `lean`, this project's own streaming Chat Completions client
+    (one keep-alive connection pool, at most one immediate retry); `sdk`, pydantic-ai's `OpenAIChatModel` on
+    the OpenAI SDK. `openai:` names (the Responses API) always use the SDK."""
     anthropic_api_key: SecretStr | None = None
     gemini_api_key: SecretStr | None = Field(
         default=None,

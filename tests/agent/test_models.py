@@ -5,7 +5,7 @@ from pydantic_ai.exceptions import UserError
 from pydantic_ai.models.google import GoogleModel
 from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
 
-from layercode_agent.agent import ModelKeys, resolve_model
+from layercode_agent.agent import ChatCompletionsModel, ModelKeys, resolve_model
 from layercode_agent.agent.local import LocalModel
 
 
@@ -30,10 +30,23 @@ def test_auto_with_openai_key_is_gpt5_nano_minimal_reasoning() -> None:
     assert choice.settings.get("openai_text_verbosity") == "low"
 
 
-def test_openai_compatible_server() -> None:
+def test_openai_compatible_server_uses_the_lean_client() -> None:
     choice = resolve_model("openai-chat:llama3", ModelKeys(openai_base_url="http://127.0.0.1:11434/v1"))
+    assert isinstance(choice.model, ChatCompletionsModel)
+    assert choice.model.model_name == "llama3"
+    assert choice.model.base_url == "http://127.0.0.1:11434/v1"
+
+
+def test_openai_client_sdk_selects_pydantic_ais_chat_model() -> None:
+    keys = ModelKeys(openai_base_url="http://127.0.0.1:11434/v1", openai_client="sdk")
+    choice = resolve_model("openai-chat:llama3", keys)
     assert isinstance(choice.model, OpenAIChatModel)
     assert choice.model.base_url.startswith("http://127.0.0.1:11434/v1")
+
+
+def test_openai_names_keep_the_responses_api() -> None:
+    choice = resolve_model("openai:gpt-5-nano", ModelKeys(openai_api_key="o"))
+    assert isinstance(choice.model, OpenAIResponsesModel)
 
 
 def test_legacy_google_gla_prefix_is_accepted() -> None:

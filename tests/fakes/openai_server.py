@@ -1,7 +1,9 @@
 """A local OpenAI-compatible chat-completions server that streams like the real one, over loopback.
 
-Tests script what it answers (text tokens and their timing, a tool call, an HTTP error, a malformed
-stream, a hang) and read back every request it received, so they can check what the LLM was sent.
+Tests script what it answers (text tokens and their timing, tool calls whose arguments arrive in
+pieces, an HTTP error with its body, a usage chunk, raw SSE bytes, a malformed stream, a hang) and
+read back every request it received, so they can check what the LLM was sent and whether the client
+hung up before the stream ended.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ class Reply:
     token_delay: float = 0.0
     tool_call: tuple[str, dict[str, Any]] | None = None
     fail: str | None = None  # "http500", "malformed", "hang", "drop"
+    tool_calls: list[tuple[str, dict[str, Any]]] | None = None
+    """Several calls in one response, each call's arguments sent `arg_piece` characters at a time."""
+    arg_piece: int = 4
+    status: int | None = None
+    """Answer with this HTTP error status and an OpenAI-style error body instead of a stream."""
+    usage: tuple[int, int] | None = None
+    """(prompt, completion) tokens, sent in a last chunk without choices when the request asks for usage."""
+    finish: str | None = None
+    """The finish reason sent instead of `stop` or `tool_calls`."""
+    raw: list[bytes] | None = None
+    """Send exactly these byte chunks as the stream body (tests of SSE framing)."""
 
 
 @dataclass
@@ -44,6 +57,10 @@ class Received:
     last_token_at: float | None = None
     tokens_sent: int = 0
     headers: dict[str, str] = field(default_factory=dict[str, str])
+    completed: bool = False
+    """The whole stream was sent."""
+    hung_up: threading.Event = field(default_factory=threading.Event)
+    """Set when the client closed the connection before the stream ended."""
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -93,13 +110,30 @@ class FakeOpenAI:
             reply = self.responder(received) if self.responder is not None else self.default
         if reply.fail == "http500":
             return JSONResponse({"error": {"message": "upstream exploded", "type": "server_error"}}, status_code=500)
+        if reply.status is not None:
+            error = {"message": f"scripted error {reply.status}", "type": "invalid_request_error", "code": None}
+            return JSONResponse({"error": error}, status_code=reply.status)
         if not body.get("stream"):
             text = "".join(reply.tokens)
             return JSONResponse(_completion(body, text))
         return StreamingResponse(self._stream(body, reply, received), media_type="text/event-stream")
 
     async def _stream(self, body: dict[str, Any], reply: Reply, received: Received) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._events(body, reply, received):
+                yield data
+            received.completed = True
+        finally:
+            if not received.completed:
+                received.hung_up.set()
+
+    async def _events(self, body: dict[str, Any], reply: Reply, received: Received) -> AsyncIterator[bytes]:
         model = body.get("model", "fake")
+        if reply.raw is not None:
+            for data in reply.raw:
+                yield data
+                await asyncio.sleep(reply.token_delay)
+            return
         await asyncio.sleep(reply.first_token_delay)
         if reply.fail == "hang":
             await asyncio.sleep(3600)
@@ -119,6 +153,21 @@ class FakeOpenAI:
             yield _chunk(model, {}, finish="tool_calls")
             yield b"data: [DONE]\n\n"
             return
+        if reply.tool_calls is not None:
+            for index, (name, args) in enumerate(reply.tool_calls):
+                text = json.dumps(args)
+                start = {"index": index, "id": f"call_{index + 1}", "type": "function"}
+                yield _chunk(model, {"role": "assistant", "tool_calls": [{**start, "function": {"name": name}}]})
+                for at in range(0, len(text), max(reply.arg_piece, 1)):
+                    piece = text[at : at + max(reply.arg_piece, 1)]
+                    yield _chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                    await asyncio.sleep(reply.token_delay)
+                received.first_token_at = received.last_token_at = time.monotonic()
+            yield _chunk(model, {}, finish=reply.finish or "tool_calls")
+            for data in _usage_chunk(body, reply, model):
+                yield data
+            yield b"data: [DONE]\n\n"
+            return
         for index, token in enumerate(reply.tokens):
             if index:
                 await asyncio.sleep(reply.token_delay)
@@ -133,8 +182,19 @@ class FakeOpenAI:
             received.last_token_at = now
             if reply.fail == "drop" and index == len(reply.tokens) // 2:
                 raise ConnectionResetError("fake drops the stream mid-way")
-        yield _chunk(model, {}, finish="stop")
+        yield _chunk(model, {}, finish=reply.finish or "stop")
+        for data in _usage_chunk(body, reply, model):
+            yield data
         yield b"data: [DONE]\n\n"
+
+
+def _usage_chunk(body: dict[str, Any], reply: Reply, model: str) -> list[bytes]:
+    if reply.usage is None or not (body.get("stream_options") or {}).get("include_usage"):
+        return []
+    prompt, completion = reply.usage
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}
+    return [b"data: " + json.dumps(payload).encode() + b"\n\n"]
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:

@@ -9,6 +9,7 @@ from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.models import Model
 
 from ..utils import import_string
+from .chat_completions import ChatCompletionsModel
 from .cleaning import VoiceTextCleaner, clean_text
 from .deps import CallContext
 from .models import ModelChoice, ModelKeys, resolve_model
@@ -31,6 +32,7 @@ __all__ = [
     "TOOL_FILLER",
     "AgentLoadError",
     "CallContext",
+    "ChatCompletionsModel",
     "ModelChoice",
     "ModelKeys",
     "VoiceTextCleaner",

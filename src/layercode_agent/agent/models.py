@@ -4,7 +4,9 @@
 Gemini Flash Lite and small GPT models without reasoning), falling back to the embedded offline
 model so the service works with no keys at all. Any pydantic-ai model name works too, and
 `openai-chat:NAME` with `OPENAI_BASE_URL` reaches any OpenAI-compatible server (Ollama, vLLM,
-llama.cpp) with token-by-token streaming.
+llama.cpp, Groq, OpenRouter) with token-by-token streaming, through the lean client of
+`chat_completions.py` unless `OPENAI_CLIENT=sdk` asks for pydantic-ai's `OpenAIChatModel`.
+`openai:` names speak the Responses API, which only the SDK model does.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class ModelKeys:
     gemini_api_key: str | None = field(default=None, repr=False)
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
+    openai_client: str = "lean"
+    """`lean` (our streaming Chat Completions client) or `sdk` (pydantic-ai's `OpenAIChatModel`)."""
     anthropic_api_key: str | None = field(default=None, repr=False)
 
 
@@ -89,6 +93,10 @@ def _build(spec: str, keys: ModelKeys, *, reason: str) -> ModelChoice:
         model = GoogleModel(name, provider=GoogleProvider(api_key=keys.gemini_api_key))
         # Thinking adds seconds of silence before the first word; Flash models run fine without it.
         settings = GoogleModelSettings(google_thinking_config={"thinking_budget": 0}) if "flash" in name else settings
+    elif provider == "openai-chat" and keys.openai_client != "sdk":
+        from .chat_completions import ChatCompletionsModel
+
+        model = ChatCompletionsModel(name, base_url=keys.openai_base_url, api_key=keys.openai_api_key)
     elif provider in ("openai", "openai-chat", "openai-responses"):
         from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel, OpenAIResponsesModelSettings
         from pydantic_ai.providers.openai import OpenAIProvider

@@ -21,6 +21,7 @@ from pydantic_ai.usage import UsageLimits
 
 from ..agent import (
     DEFAULT_WELCOME_MESSAGE,
+    ChatCompletionsModel,
     ModelChoice,
     ModelKeys,
     build_agent,
@@ -57,6 +58,7 @@ def model_choice(settings: Settings) -> ModelChoice:
         gemini_api_key=_secret(settings.gemini_api_key),
         openai_api_key=_secret(settings.openai_api_key),
         openai_base_url=settings.openai_base_url,
+        openai_client=settings.openai_client,
         anthropic_api_key=_secret(settings.anthropic_api_key),
     )
     return resolve_model(settings.agent_model, keys)
@@ -167,6 +169,8 @@ def create_app(
                 await shutdown.aclose()
                 await runner.aclose()
                 await store.aclose()
+                if choice is not None and isinstance(choice.model, ChatCompletionsModel):
+                    await choice.model.aclose()  # Its keep-alive connections to the LLM.
                 if multiprocess_dir is not None and settings.metrics:
                     forget_process(multiprocess_dir, os.getpid())  # This worker streams nothing any more.
                 if tracing is not None:
