@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,8 +16,10 @@ from pydantic_ai.messages import (
     ModelRequest,
     ModelResponse,
     PartDeltaEvent,
+    PartStartEvent,
     TextPart,
     TextPartDelta,
+    ThinkingPart,
     ToolCallPart,
     ToolReturnPart,
     UserPromptPart,
@@ -25,7 +28,7 @@ from pydantic_ai.models import ModelRequestParameters, override_allow_model_requ
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import ToolDefinition
 
-from layercode_agent.agent.chat_completions import ChatCompletionsModel, MessageCache, map_messages
+from layercode_agent.agent.chat_completions import DIRECT_TEXT, ChatCompletionsModel, MessageCache, map_messages
 from tests.fakes.net import free_port
 from tests.fakes.openai_server import FakeOpenAI, Reply
 
@@ -228,11 +231,21 @@ async def test_error_inside_the_stream_is_a_model_api_error(model: ChatCompletio
     assert caught.value.status_code == 500
 
 
-async def test_cancelling_mid_stream_closes_the_connection(model: ChatCompletionsModel, fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["events", "direct"])
+async def test_cancelling_mid_stream_closes_the_connection(
+    model: ChatCompletionsModel, fake: FakeOpenAI, direct: bool
+) -> None:
     fake.script(Reply(tokens=["word"] * 200, token_delay=0.02))
     first = asyncio.Event()
+    handed: list[str] = []
+
+    def hand(text: str) -> None:
+        handed.append(text)
+        first.set()
 
     async def consume() -> None:
+        if direct:
+            DIRECT_TEXT.set(hand)  # This task's own context.
         async with model.request_stream(_ask(), None, _params()) as stream:
             async for _ in stream:
                 first.set()
@@ -244,6 +257,9 @@ async def test_cancelling_mid_stream_closes_the_connection(model: ChatCompletion
         await task
     assert await asyncio.to_thread(fake.received[0].hung_up.wait, 10)
     assert fake.received[0].tokens_sent < 200
+    count = len(handed)
+    await asyncio.sleep(0.1)
+    assert len(handed) == count and (count > 0) == direct  # Nothing is handed on after the cancellation.
 
 
 def _history(exchanges: int) -> list[ModelMessage]:
@@ -326,3 +342,94 @@ def test_the_message_cache_maps_each_message_once_and_forgets_it_with_the_messag
     del history, reply, first
     gc.collect()
     assert len(cache) == 0
+
+
+@contextmanager
+def _handed_directly() -> Generator[list[str]]:
+    """The text deltas a stream hands to `DIRECT_TEXT` while the block runs."""
+    direct: list[str] = []
+    reset = DIRECT_TEXT.set(direct.append)
+    try:
+        yield direct
+    finally:
+        DIRECT_TEXT.reset(reset)
+
+
+def _sse(*chunks: dict[str, Any]) -> list[bytes]:
+    return [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks] + [b"data: [DONE]\n\n"]
+
+
+def _text_chunk(text: str) -> dict[str, Any]:
+    return {"id": "c", "model": "fake-model", "choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+def _call_chunk(name: str | None, args: str, call_id: str | None = None) -> dict[str, Any]:
+    call = {"index": 0, "id": call_id, "function": {"name": name, "arguments": args}}
+    return {"id": "c", "model": "fake-model", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+
+async def test_direct_text_gets_each_delta_and_the_agent_the_whole_text(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    fake.script(Reply(tokens=["Hel", "lo", " there", "!"], usage=(12, 4)))
+    with _handed_directly() as direct:
+        events, response = await _stream(model)
+    assert direct == ["Hel", "lo", " there", "!"]  # Each delta, at once, in order.
+    assert response.parts == [TextPart(content="Hello there!")]  # The agent's record is the same.
+    starts = [e for e in events if isinstance(e, PartStartEvent)]
+    assert [s.part for s in starts] == [TextPart(content="Hello there!")]  # One event, not one per token.
+    assert not any(isinstance(e, PartDeltaEvent) for e in events)
+    assert response.usage.output_tokens == 4 and response.finish_reason == "stop"
+
+
+async def test_direct_text_before_a_tool_call_reaches_the_agent_before_the_call(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    fake.script(
+        Reply(
+            raw=_sse(
+                _text_chunk("Let me"),
+                _text_chunk(" check."),
+                _call_chunk("weather", '{"ci', "call_9"),
+                _call_chunk(None, 'ty": "Rome"}'),
+            )
+        )
+    )
+    with _handed_directly() as direct:
+        events, response = await _stream(model, _params(WEATHER))
+    assert direct == ["Let me", " check."]
+    first, second = response.parts
+    assert first == TextPart(content="Let me check.")
+    assert isinstance(second, ToolCallPart) and second.args_as_dict() == {"city": "Rome"}
+    kinds = [type(e.part).__name__ for e in events if isinstance(e, PartStartEvent)]
+    assert kinds == ["TextPart", "ToolCallPart"]  # The text part ends before the call starts.
+
+
+async def test_a_whole_response_request_never_hands_text_to_direct(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    fake.script(Reply(tokens=["not", " spoken"]))
+    with _handed_directly() as direct:
+        response = await model.request(_ask(), None, _params())
+    assert response.parts == [TextPart(content="not spoken")]
+    assert direct == []
+
+
+async def test_an_error_inside_a_direct_stream_is_a_model_api_error(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    fake.script(Reply(raw=[f"data: {json.dumps(_text_chunk('Hi'))}\n\n".encode(), b"data: {not json\n\n"]))
+    with _handed_directly() as direct:
+        with pytest.raises(ModelAPIError, match="not JSON"):
+            await _stream(model)
+    assert direct == ["Hi"]
+
+
+async def test_embedded_thinking_is_never_handed_to_direct(model: ChatCompletionsModel, fake: FakeOpenAI) -> None:
+    fake.script(Reply(tokens=["<think>", "plan", " it", "</think>", "Sure", "."]))
+    with _handed_directly() as direct:
+        _, response = await _stream(model)
+    assert direct == ["Sure", "."]
+    thinking, text = response.parts
+    assert isinstance(thinking, ThinkingPart) and thinking.content == "plan it"
+    assert text == TextPart(content="Sure.")

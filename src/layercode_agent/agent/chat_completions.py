@@ -31,6 +31,16 @@ earlier exchanges): pydantic-ai's model layer 28 ms with `OpenAIChatModel`, 5.7 
 tokens back to back (bare httpx reading the SSE lines: about 3.6 ms); with tokens 10 ms apart, where
 every wake-up is dear in this VM, 70 ms against 48 ms (bare httpx about 30 ms).
 
+Text can skip the agent's stream. pydantic-ai passes each event a model yields through some ten
+nested async generators (special tokens, continuation, error decoding, capabilities, dispatch, the
+final-result and part-end guards) before a run's reader sees it. While the code reading a run puts a
+callable in `DIRECT_TEXT` (only around a model request: never while tools run, so a sub-agent's
+text is never spoken), a response whose text pydantic-ai would not rewrite (no special-token
+restoring; embedded `<think>` sections still go to its parts manager) hands each text delta to it the moment it is parsed, and yields that text to
+the agent in one piece when the part ends: before a tool call or reasoning, and at the end of the
+stream. The agent's record of the response is the same; the reader knows a response's text came
+directly from the first call, and skips that response's text events.
+
 Retries suit a voice call: a connection that could not be opened, or a 5xx/429 answer before any
 byte of the stream, is retried once at once; anything else raises, and the caller hears the apology
 instead of seconds of silence.
@@ -38,10 +48,12 @@ instead of seconds of silence.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -87,6 +99,7 @@ from pydantic_ai.usage import RequestUsage
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DIRECT_TEXT",
     "ChatCompletionsModel",
     "ChatCompletionsStreamedResponse",
     "MessageCache",
@@ -94,6 +107,9 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+DIRECT_TEXT: ContextVar[Callable[[str], None] | None] = ContextVar("layercode_agent_direct_text", default=None)
+"""Where a `ChatCompletionsModel` stream hands each text delta at once, if set (see the module docstring)."""
 
 # As pydantic-ai's Chat Completions mapping has it.
 _FINISH_REASONS: dict[str, FinishReason] = {
@@ -197,9 +213,13 @@ class ChatCompletionsModel(Model):
         model_request_parameters: ModelRequestParameters,
     ) -> ModelResponse:
         """One response, read from a stream."""
-        async with self.request_stream(messages, model_settings, model_request_parameters) as stream:
-            async for _ in stream:
-                pass
+        reset = DIRECT_TEXT.set(None)  # Whoever asks for a whole response wants none of it spoken.
+        try:
+            async with self.request_stream(messages, model_settings, model_request_parameters) as stream:
+                async for _ in stream:
+                    pass
+        finally:
+            DIRECT_TEXT.reset(reset)
         return stream.get()
 
     @asynccontextmanager
@@ -353,12 +373,49 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
     _timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
     _usage_received: bool | None = field(default=False, init=False)
     _text_generation: int = field(default=0, init=False)
+    _direct: Callable[[str], None] | None = field(default=None, init=False)
+    _held: list[str] = field(default_factory=list[str], init=False)
+    _thinking: bool = field(default=False, init=False)
+    """Text handed to `_direct` and not yet to the parts manager."""
 
     async def close_stream(self) -> None:
         """Close the HTTP response, which drops its connection if unread."""
         await self._http.aclose()
 
-    async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
+    def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
+        if self._parts_manager.special_token_restorer is None:
+            self._direct = DIRECT_TEXT.get()  # Nothing pydantic-ai would rewrite: the text may skip its stream.
+        return self._parsed() if self._direct is None else self._pumped()
+
+    async def _pumped(self) -> AsyncIterator[ModelResponseStreamEvent]:
+        """The events of `_parsed`, read in a task of their own (when text goes to `DIRECT_TEXT`).
+
+        Resuming a coroutine resumes every frame it awaits in: read in the run's own task, each
+        network read would wake pydantic-ai's dozen stream layers, whether or not it yields an event.
+        The pump wakes only itself per read; this generator wakes when there is an event to yield.
+        """
+        ready: asyncio.Queue[ModelResponseStreamEvent | BaseException | None] = asyncio.Queue()
+        pump = asyncio.get_running_loop().create_task(self._pump(ready))
+        try:
+            while (item := await ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not pump.done():
+                pump.cancel()
+                await asyncio.wait([pump])  # Its HTTP read is over before the stream is closed.
+
+    async def _pump(self, ready: asyncio.Queue[ModelResponseStreamEvent | BaseException | None]) -> None:
+        try:
+            async for event in self._parsed():
+                ready.put_nowait(event)
+        except Exception as exc:
+            ready.put_nowait(exc)
+        else:
+            ready.put_nowait(None)
+
+    async def _parsed(self) -> AsyncIterator[ModelResponseStreamEvent]:
         finished = False
         try:
             async for data in _sse_data(self._http):
@@ -371,6 +428,8 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
                 for event in self._map_chunk(chunk):
                     yield event
                 finished = finished or self.finish_reason is not None
+            for event in self._release_text():
+                yield event
         except ValueError as exc:
             raise ModelAPIError(self._model_name, f"the LLM sent a chunk that is not JSON: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -404,6 +463,7 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
         parts = self._parts_manager
         for name in ("reasoning_content", "reasoning"):
             if isinstance(reasoning := delta.get(name), str) and reasoning:
+                yield from self._release_text()
                 yield from parts.handle_thinking_delta(
                     vendor_part_id=name, id=name, content=reasoning, provider_name=self._provider_name
                 )
@@ -414,20 +474,42 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
                 str(part.get("text", "")) for part in cast(list[dict[str, Any]], content) if isinstance(part, dict)
             )
         if content:
-            yield from parts.handle_text_delta(
-                vendor_part_id=("content", self._text_generation), content=content, thinking_tags=self._think_tags
+            tags = self._think_tags
+            if (direct := self._direct) is None:
+                yield from parts.handle_text_delta(
+                    vendor_part_id=("content", self._text_generation), content=content, thinking_tags=tags
+                )
+            elif not self._thinking and (tags is None or content != tags[0]):
+                direct(content)  # To the reader now; to the agent when the part ends.
+                self._held.append(content)
+            else:  # Embedded thinking (`<think>` as one token, up to `</think>`): the parts manager's to split.
+                yield from self._release_text()
+                self._thinking = tags is not None and content != tags[1]
+                yield from parts.handle_text_delta(
+                    vendor_part_id=("content", self._text_generation), content=content, thinking_tags=self._think_tags
+                )
+        if tool_calls := delta.get("tool_calls"):
+            yield from self._release_text()
+            for call in tool_calls:
+                function = call.get("function") or {}
+                for event in parts.handle_tool_call_delta_events(
+                    vendor_part_id=("tool", call.get("index", 0)),
+                    tool_name=function.get("name"),
+                    args=function.get("arguments"),
+                    tool_call_id=call.get("id"),
+                ):
+                    if isinstance(event, PartStartEvent):
+                        self._text_generation += 1  # Text after a tool call is a new text part.
+                    yield event
+
+    def _release_text(self) -> Iterator[ModelResponseStreamEvent]:
+        """The text handed to `DIRECT_TEXT` since the last release, to the agent as one delta."""
+        if self._held:
+            text = "".join(self._held)
+            self._held.clear()
+            yield from self._parts_manager.handle_text_delta(
+                vendor_part_id=("content", self._text_generation), content=text
             )
-        for call in delta.get("tool_calls") or ():
-            function = call.get("function") or {}
-            for event in parts.handle_tool_call_delta_events(
-                vendor_part_id=("tool", call.get("index", 0)),
-                tool_name=function.get("name"),
-                args=function.get("arguments"),
-                tool_call_id=call.get("id"),
-            ):
-                if isinstance(event, PartStartEvent):
-                    self._text_generation += 1  # Text after a tool call is a new text part.
-                yield event
 
     @property
     def model_name(self) -> str:

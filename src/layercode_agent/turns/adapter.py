@@ -10,6 +10,8 @@ same as the if/elif chain it replaced: about 6.5 µs more per token, on the path
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic_ai.messages import (
     AgentStreamEvent,
     FunctionToolCallEvent,
@@ -39,8 +41,14 @@ class ReplyAdapter:
     said since the last model request, and reports the tool `running`, its result `done`.
     """
 
-    def __init__(self, turn_id: str, timing: TurnTiming, tool_filler: str) -> None:
+    def __init__(
+        self, turn_id: str, timing: TurnTiming, tool_filler: str, emit: Callable[[TTSResponse], None] | None = None
+    ) -> None:
         self.turn_id = turn_id
+        self.emit = emit
+        """Where `direct_text` puts what it speaks (the turn's output)."""
+        self.direct = False
+        """Whether the current model response's text came through `direct_text` (its text events are skipped)."""
         self.timing = timing
         self.tool_filler = tool_filler
         self.cleaner = VoiceTextCleaner()
@@ -53,12 +61,16 @@ class ReplyAdapter:
     def convert(self, event: AgentStreamEvent) -> tuple[TTSResponse | DataResponse, ...]:
         """The Layercode events one agent event becomes (usually none or one)."""
         if isinstance(event, PartDeltaEvent):  # First: nearly every event is a text delta.
-            if isinstance(event.delta, TextPartDelta) and (text := self.cleaner.feed(event.delta.content_delta)):
+            if (
+                isinstance(event.delta, TextPartDelta)
+                and not self.direct
+                and (text := self.cleaner.feed(event.delta.content_delta))
+            ):
                 self.spoke_since_request = True  # `_speak`, spelled out on the path every token takes.
                 return (TTSResponse(content=text, turn_id=self.turn_id),)
             return _NOTHING
         if isinstance(event, PartStartEvent):
-            if isinstance(event.part, TextPart):
+            if isinstance(event.part, TextPart) and not self.direct:
                 self.timing.mark(Stage.LLM_FIRST_TOKEN)
                 return self._speak(self.cleaner.feed(event.part.content))
             return _NOTHING
@@ -79,6 +91,19 @@ class ReplyAdapter:
                 self.finished_calls.append((call, event.part))
             return (DataResponse(content={"tool": event.part.tool_name, "status": "done"}, turn_id=self.turn_id),)
         return _NOTHING
+
+    def new_response(self) -> None:
+        """A model request begins: its text comes as events unless its model hands it to `direct_text`."""
+        self.direct = False
+
+    def direct_text(self, delta: str) -> None:
+        """A text delta straight from the model's stream (`agent.DIRECT_TEXT`): cleaned and emitted at once."""
+        if not self.direct:
+            self.direct = True
+            self.timing.mark(Stage.LLM_FIRST_TOKEN)
+        if (text := self.cleaner.feed(delta)) and self.emit is not None:
+            self.spoke_since_request = True
+            self.emit(TTSResponse(content=text, turn_id=self.turn_id))
 
     def flush(self) -> tuple[TTSResponse, ...]:
         """The text the cleaner still holds, once the run ended."""

@@ -40,7 +40,7 @@ from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage, UsageLimits
 
-from ..agent import APOLOGY, INTERRUPTED_MARK, SLOW_FILLER, TOOL_FILLER, CallContext, clean_text
+from ..agent import APOLOGY, DIRECT_TEXT, INTERRUPTED_MARK, SLOW_FILLER, TOOL_FILLER, CallContext, clean_text
 from ..history import (
     FAILED,
     INTERRUPTED,
@@ -313,7 +313,12 @@ class TurnRunner:
         put = turn.queue.put_nowait
         turn_id = turn.turn_id
         produced: list[str] = []
-        adapter = ReplyAdapter(turn_id, turn.timing, self.tool_filler)
+
+        def emit(out: TTSResponse) -> None:
+            produced.append(out.content)
+            put(out)
+
+        adapter = ReplyAdapter(turn_id, turn.timing, self.tool_filler, emit)
 
         if turn.stop_requested:  # The caller left (or a newer turn came) before the model was asked.
             turn.enter(Phase.CLOSING)
@@ -406,7 +411,7 @@ class TurnRunner:
             timeout=self.llm_timeout,
         ) as run:
             turn.usage = run.usage
-            async for agent_event in self._run_events(run, timing):
+            async for agent_event in self._run_events(run, adapter):
                 for out in convert(agent_event):
                     yield out
             for out in adapter.flush():
@@ -417,18 +422,26 @@ class TurnRunner:
                 raise RuntimeError("the agent run ended without a result")
             yield result_messages(result.new_messages(), turn.turn_id, self.interrupted_mark), copy.copy(result.usage)
 
-    async def _run_events(self, run: AgentRun[Any, Any], timing: TurnTiming) -> AsyncIterator[AgentStreamEvent]:
+    async def _run_events(self, run: AgentRun[Any, Any], adapter: ReplyAdapter) -> AsyncIterator[AgentStreamEvent]:
         """The run's model and tool events, read in this task.
 
         `agent.iter` with each node's own stream, rather than `run_stream_events`, which runs the
-        agent in a second task and hands every token across a memory stream.
+        agent in a second task and hands every token across a memory stream. While a model request
+        streams (and only then: a tool's sub-agent must not speak), a `ChatCompletionsModel` hands
+        each text delta to the adapter at once (`agent.DIRECT_TEXT`) instead of through the run.
         """
+        timing = adapter.timing
         async for node in run:
             if self.agent.is_model_request_node(node):
-                async with node.stream(run.ctx) as stream:
-                    timing.mark(Stage.LLM_REQUEST)
-                    async for event in stream:
-                        yield event
+                adapter.new_response()
+                direct = DIRECT_TEXT.set(adapter.direct_text)
+                try:
+                    async with node.stream(run.ctx) as stream:
+                        timing.mark(Stage.LLM_REQUEST)
+                        async for event in stream:
+                            yield event
+                finally:
+                    DIRECT_TEXT.reset(direct)
             elif self.agent.is_call_tools_node(node):
                 async with node.stream(run.ctx) as stream:
                     async for event in stream:
