@@ -36,10 +36,11 @@ nested async generators (special tokens, continuation, error decoding, capabilit
 final-result and part-end guards) before a run's reader sees it. While the code reading a run puts a
 callable in `DIRECT_TEXT` (only around a model request: never while tools run, so a sub-agent's
 text is never spoken), a response whose text pydantic-ai would not rewrite (no special-token
-restoring; embedded `<think>` sections still go to its parts manager) hands each text delta to it the moment it is parsed, and yields that text to
-the agent in one piece when the part ends: before a tool call or reasoning, and at the end of the
-stream. The agent's record of the response is the same; the reader knows a response's text came
-directly from the first call, and skips that response's text events.
+restoring; embedded `<think>` sections still go to its parts manager) hands each text delta to it
+the moment it is parsed, and yields that text to the agent in one piece when the part ends: before a
+tool call or reasoning, and at the end of the stream. The agent's record of the response is the
+same; the reader knows a response's text came directly from the first call, and skips that
+response's text events.
 
 Retries suit a voice call: a connection that could not be opened, or a 5xx/429 answer before any
 byte of the stream, is retried once at once; anything else raises, and the caller hears the apology

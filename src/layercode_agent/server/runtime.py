@@ -33,10 +33,9 @@ class Runtime:
     store_description: str
     gate: Gate | None = None
     """Who may mint sessions at `/api/authorize`; set at start-up."""
-    open_streams: dict[str, int] = field(default_factory=dict[str, int])
-    """Reply streams open per conversation on this worker."""
     stream_slots: StreamSlots = field(default_factory=StreamSlots)
-    """Which turns those streams answer, for `MAX_STREAMS_PER_CONVERSATION` (`server/streams.py`)."""
+    """The reply streams open on this worker and the turns they answer, for `MAX_STREAMS_PER_CONVERSATION`
+    (`server/streams.py`)."""
     draining: bool = False
     """True once this worker shuts down (`server/shutdown.py`): new requests get 503 (a readiness check
     too), while the reply streams already open finish or are stopped with `response.end`."""

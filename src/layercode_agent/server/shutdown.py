@@ -151,7 +151,7 @@ class GracefulShutdown:
             self._hand_over(sig)
 
     def _open_streams(self) -> int:
-        return sum(self.runtime.open_streams.values())
+        return self.runtime.stream_slots.total()
 
     async def _shut_down(self, sig: int, seconds: float) -> None:
         name = signal.Signals(sig).name

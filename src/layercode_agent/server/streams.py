@@ -87,6 +87,10 @@ class StreamSlots:
         """The streams the conversation holds now."""
         return self._new.get(conversation_id, 0) + self._repeats.get(conversation_id, 0)
 
+    def total(self) -> int:
+        """The streams all conversations hold now."""
+        return sum(self._new.values()) + sum(self._repeats.values())
+
     def _forget(self, now: float) -> None:
         while self._seen and (next(iter(self._seen.values())) <= now or len(self._seen) > _SEEN_LIMIT):
             self._seen.popitem(last=False)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import EventSourceResponse, JSONResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse
 
 from ...protocol import (
     SIGNATURE_HEADER,
-    SSE_HEADERS,
     DataEvent,
     EndResponse,
     InboundEvent,
@@ -29,7 +28,6 @@ from ...protocol import (
     SessionUpdateEvent,
     UnknownEvent,
     check_header,
-    encode,
     encode_json,
     parse_event,
     verify,
@@ -37,6 +35,7 @@ from ...protocol import (
 from ...turns import DeliveryInProgressError, Stage, TurnTiming
 from ..deps import RuntimeDep, read_body
 from ..runtime import Runtime
+from ..sse import EventStream
 from ..streams import StreamSlot
 
 __all__ = ["router"]
@@ -48,33 +47,9 @@ router = APIRouter()
 _JSON = "application/json"
 
 
-async def _encoded(events: AsyncIterator[OutboundEvent]) -> AsyncIterator[bytes]:
-    # Each event leaves as its own body chunk the moment it exists: no buffering, no batching.
-    async for event in events:
-        yield encode(event)
-
-
-class _CountedStream(EventSourceResponse):
+def _counted_stream(events: AsyncIterator[OutboundEvent], runtime: Runtime, slot: StreamSlot) -> EventStream:
     """A reply stream that gives its slot back when it ends, however it ends."""
-
-    def __init__(self, events: AsyncIterator[OutboundEvent], runtime: Runtime, slot: StreamSlot) -> None:
-        super().__init__(_encoded(events), headers=SSE_HEADERS)
-        self._runtime = runtime
-        self._slot = slot
-        key = slot.conversation_id
-        runtime.open_streams[key] = runtime.open_streams.get(key, 0) + 1
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._runtime.stream_slots.release(self._slot)
-            open_streams, key = self._runtime.open_streams, self._slot.conversation_id
-            left = open_streams.get(key, 1) - 1
-            if left > 0:
-                open_streams[key] = left
-            else:
-                open_streams.pop(key, None)
+    return EventStream(events, on_close=partial(runtime.stream_slots.release, slot))
 
 
 def _too_many_streams(runtime: Runtime, key: str, turn: str) -> StreamSlot | Response:
@@ -95,7 +70,7 @@ def _replay_of_deleted(event: InboundEvent) -> Response:
     """The answer to a replayed webhook of a conversation deleted since: nothing is done, nothing is said."""
     logger.info("answered a replayed webhook of deleted conversation %s without acting", event.conversation_key)
     if isinstance(event, MessageEvent | SessionStartEvent):
-        return EventSourceResponse(_encoded(_only_end(event.turn_id)), headers=SSE_HEADERS)
+        return EventStream(_only_end(event.turn_id))
     return Response(b'{"status":"duplicate"}', media_type=_JSON)
 
 
@@ -317,7 +292,7 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
             events = runner.stream_message(event, delivery=delivery, timing=timing)
         else:
             events = runner.stream_session_start(event)
-        return _CountedStream(events, runtime, slot)
+        return _counted_stream(events, runtime, slot)
     try:
         if isinstance(event, DataEvent):
             reply = await runner.handle_data(event, delivery=delivery)
