@@ -35,6 +35,7 @@ from layercode_agent.history import (
     decide_begin,
     decide_close,
     is_placeholder,
+    llm_messages,
     reply_text,
     result_messages,
     stored_as,
@@ -484,3 +485,35 @@ def test_is_placeholder(messages: list[ModelMessage], expected: bool) -> None:
 )
 def test_stored_as(stored: ReplyState, expected: bool) -> None:
     assert stored_as(stored, CLOSING) is expected
+
+
+# --- The model's view of the log --------------------------------------------------------------------
+
+
+def test_the_model_gets_its_own_copy_of_the_requests_it_may_change() -> None:
+    # The log's messages may be the store's cached objects; pydantic-ai fills in the requests that end the
+    # history it is given, in place (run id, timestamp, its metadata namespace): they must not be the log's.
+    earlier = ModelRequest(parts=[UserPromptPart("before")], metadata=turn_meta("t1", "user"))
+    reply = ModelResponse(parts=[TextPart("answer")], metadata=turn_meta("t1", "assistant", COMPLETED))
+    tool_result = ModelRequest(
+        parts=[ToolReturnPart("lookup", "found", tool_call_id="c1")], metadata=turn_meta("t2", "tool")
+    )
+    asked = ModelRequest(parts=[UserPromptPart("now")], metadata=turn_meta("t2", "user", nested={"kept": 1}))
+    log: list[ModelMessage] = [earlier, reply, tool_result, asked]
+
+    view = llm_messages(log, "[interrupted]")
+
+    assert view == log
+    assert view[0] is earlier and view[1] is reply  # Only read: shared.
+    for copied, original in zip(view[2:], log[2:], strict=True):
+        assert isinstance(copied, ModelRequest) and copied is not original
+        copied.run_id = "run-1"
+        copied.parts = [*copied.parts, UserPromptPart("added")]
+        assert copied.metadata is not None
+        copied.metadata["turn_id"] = "changed"
+        copied.metadata.setdefault("nested", {})["kept"] = 2
+        copied.metadata["pydantic_ai"] = {"state": 1}
+    assert log == [earlier, reply, tool_result, asked]
+    assert asked.run_id is None and len(asked.parts) == 1
+    assert asked.metadata == turn_meta("t2", "user", nested={"kept": 1})
+    assert tool_result.metadata == turn_meta("t2", "tool")

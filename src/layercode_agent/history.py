@@ -13,8 +13,9 @@ of a turn carries `metadata` naming the turn and its part in it:
 
 Only the newest messages ever change: the placeholder becomes the reply, and an interrupted reply
 becomes what the caller heard. [`History.change`][layercode_agent.history.History.change] does that
-atomically: it reads the log, lets a pure function decide, and writes the new tail with the record's
-revision check, retrying when another worker wrote first. The log never branches for it.
+atomically (`AgentStore.rewrite`): it reads the log, lets a pure function decide, and writes the new
+tail with the record's revision check, retrying when another worker wrote first; SQLite does all of
+it in one transaction on one of its threads. The log never branches for it.
 
 The decisions themselves are pure functions here too (`decide_begin`, `decide_close`, what the caller
 heard, the messages that close a turn), so they are tested as tables, without a store or a model.
@@ -22,15 +23,14 @@ heard, the messages that close a turn), so they are tested as tables, without a 
 
 from __future__ import annotations
 
-import asyncio
-import random
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
-from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
+from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -42,7 +42,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.usage import RunUsage
 
-from .stores import AgentStore, StoreError
+from .stores import AgentStore, LogWrite
 
 __all__ = [
     "COMPLETED",
@@ -79,6 +79,7 @@ __all__ = [
     "unmarked",
     "what_was_heard",
     "with_filler",
+    "written",
 ]
 
 PENDING = "pending"
@@ -189,7 +190,19 @@ def llm_messages(messages: Sequence[ModelMessage], interrupted_mark: str) -> lis
             if status == INTERRUPTED and interrupted_mark:
                 message = replace(message, parts=[TextPart(f"{text.rstrip()} {interrupted_mark}")])
         view.append(message)
+    # The log's messages may be the store's cached objects (`AgentStore.read_log`). pydantic-ai fills in and
+    # adds to the requests that end the history it is given (run id, timestamps, its metadata namespace),
+    # in place: those get copies of their own. Every earlier message it only reads.
+    index = len(view)
+    while index and isinstance(view[index - 1], ModelRequest):
+        index -= 1
+        view[index] = _detached(cast(ModelRequest, view[index]))
     return view
+
+
+def _detached(request: ModelRequest) -> ModelRequest:
+    """A copy of `request` that shares no list or dict with it (the parts themselves are not changed in place)."""
+    return replace(request, parts=list(request.parts), metadata=copy.deepcopy(request.metadata))
 
 
 @dataclass(frozen=True)
@@ -274,14 +287,11 @@ class History:
         self._observe = observe
 
     async def read(self, conversation_id: str) -> tuple[ConversationRecord | None, list[ConversationEntry]]:
-        """The record and its history (empty when the conversation is new)."""
-        record = await self.store.read_record(conversation_id)
-        if record is None or record.head_id is None:
-            return record, []
-        return record, await self.store.read_history(record.head_id)
+        """The record and its history (empty when the conversation is new); see `AgentStore.read_log`."""
+        return await self.store.read_log(conversation_id)
 
     async def messages(self, conversation_id: str) -> list[ModelMessage]:
-        """The stored messages of a conversation."""
+        """The stored messages of a conversation (shared with the store's cache: never change them in place)."""
         started = time.perf_counter()
         _, history = await self.read(conversation_id)
         if self._observe is not None:
@@ -295,66 +305,49 @@ class History:
         *,
         operation: str = "change",
     ) -> _T:
-        """Read the log, let `decide` say what to change, write it with the revision check; retry on a conflict.
+        """Read the log, let `decide` say what to change, and write it atomically (`AgentStore.rewrite`).
 
-        `decide` must be pure: it may run several times.
+        `decide` must be pure: it may run several times, and on one of the store's threads.
 
         Raises:
             StoreError: If the store fails, or other writers kept winning for every attempt.
         """
         started = time.perf_counter()
+
+        def plan(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[_T, LogWrite | None]:
+            change = decide([entry.message for entry in history], record)
+            return change.result, None if change.keep is None else written(conversation_id, record, history, change)
+
         try:
-            return await self._change(conversation_id, decide)
+            return await self.store.rewrite(conversation_id, plan, attempts=self.attempts)
         finally:
             if self._observe is not None:
                 self._observe(operation, time.perf_counter() - started)
 
-    async def _change(
-        self,
-        conversation_id: str,
-        decide: Callable[[list[ModelMessage], ConversationRecord | None], Change[_T]],
-    ) -> _T:
-        for attempt in range(self.attempts):
-            try:
-                record, history = await self.read(conversation_id)
-            except LookupError:
-                continue  # A concurrent delete or rewrite released the history mid-read.
-            messages = [entry.message for entry in history]
-            change = decide(messages, record)
-            if change.keep is None:
-                return change.result
-            parent_id = history[change.keep - 1].id if change.keep else None
-            entries: list[ConversationEntry] = []
-            for message in change.add:
-                entries.append(ConversationEntry(parent_id=parent_id, message=message))
-                parent_id = entries[-1].id
-            usage = change.usage if change.usage is not None else record.usage if record else RunUsage()
-            updated = ConversationRecord(
-                conversation_id=conversation_id,
-                head_id=parent_id,
-                usage=usage,
-                deferred_tool_requests=record.deferred_tool_requests if record else None,
-                scope=record.scope if record else None,
-                forked_from=record.forked_from if record else None,
-                forked_at=record.forked_at if record else None,
-                branches=list(record.branches) if record else [],
-                updated_at=datetime.now(UTC),
-            )
-            try:
-                await self.store.write_record_replacing(
-                    updated,
-                    new_entries=entries,
-                    expected_revision=record.revision if record else None,
-                    released=[entry.id for entry in history[change.keep :]],
-                )
-            except ConversationConflict:
-                # Another writer won; spread the retries so a crowd of writers doesn't collide again.
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-                continue
-            return change.result
-        raise StoreError(
-            f"conversation {conversation_id!r} kept changing while saving; gave up after {self.attempts} attempts"
-        )
+
+def written(
+    conversation_id: str, record: ConversationRecord | None, history: list[ConversationEntry], change: Change[Any]
+) -> LogWrite:
+    """What storing `change` writes: the entries it adds after the ones it keeps, and the record pointing at them."""
+    assert change.keep is not None
+    parent_id = history[change.keep - 1].id if change.keep else None
+    entries: list[ConversationEntry] = []
+    for message in change.add:
+        entries.append(ConversationEntry(parent_id=parent_id, message=message))
+        parent_id = entries[-1].id
+    usage = change.usage if change.usage is not None else record.usage if record else RunUsage()
+    updated = ConversationRecord(
+        conversation_id=conversation_id,
+        head_id=parent_id,
+        usage=usage,
+        deferred_tool_requests=record.deferred_tool_requests if record else None,
+        scope=record.scope if record else None,
+        forked_from=record.forked_from if record else None,
+        forked_at=record.forked_at if record else None,
+        branches=list(record.branches) if record else [],
+        updated_at=datetime.now(UTC),
+    )
+    return LogWrite(updated, entries, [entry.id for entry in history[change.keep :]])
 
 
 # --- The pure decisions of a turn's record -----------------------------------------------------------

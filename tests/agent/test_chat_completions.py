@@ -99,6 +99,16 @@ async def test_text_streams_in_order_with_usage_and_finish_reason(
     assert sent.headers["authorization"] == "Bearer sk-test"
 
 
+async def test_streams_read_to_their_end_keep_one_connection(model: ChatCompletionsModel, fake: FakeOpenAI) -> None:
+    # A stream closed at `[DONE]`, before its body's last chunk, would drop the connection: a new TCP (and, to a
+    # cloud LLM, TLS) handshake before every turn.
+    for _ in range(3):
+        _, response = await _stream(model)
+        assert response.parts
+    peers = {received.peer for received in fake.received}
+    assert len(fake.received) == 3 and len(peers) == 1 and None not in peers
+
+
 async def test_finish_reason_length_is_mapped(model: ChatCompletionsModel, fake: FakeOpenAI) -> None:
     fake.script(Reply(tokens=["cut"], finish="length"))
     _, response = await _stream(model)

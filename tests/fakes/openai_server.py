@@ -61,6 +61,8 @@ class Received:
     """The whole stream was sent."""
     hung_up: threading.Event = field(default_factory=threading.Event)
     """Set when the client closed the connection before the stream ended."""
+    peer: tuple[str, int] | None = None
+    """The client's address and port: the same for requests on one kept-alive connection."""
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -102,7 +104,8 @@ class FakeOpenAI:
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()
-        received = Received(body=body, at=time.monotonic(), headers=dict(request.headers))
+        peer = (request.client.host, request.client.port) if request.client is not None else None
+        received = Received(body=body, at=time.monotonic(), headers=dict(request.headers), peer=peer)
         self.received.append(received)
         if self.replies:
             reply = self.replies.pop(0)

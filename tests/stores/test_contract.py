@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from pydantic_ai.conversation import Conversation
-from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry
+from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -25,7 +25,16 @@ from pydantic_ai.messages import (
 from pydantic_ai.usage import RequestUsage, RunUsage
 
 from layercode_agent.protocol import DEFAULT_TOLERANCE
-from layercode_agent.stores import TOMBSTONE_TTL, AgentStore, MemoryStore, RedisStore, SQLiteStore, memory
+from layercode_agent.stores import (
+    TOMBSTONE_TTL,
+    AgentStore,
+    LogPlan,
+    LogWrite,
+    MemoryStore,
+    RedisStore,
+    SQLiteStore,
+    memory,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -475,6 +484,118 @@ async def test_replacing_with_a_stale_revision_conflicts_and_changes_nothing(sto
 
     loaded = await store.load("c1")
     assert loaded is not None and texts(loaded)[-1] == "in between"
+
+
+# --- A turn's log: read whole, changed atomically -------------------------------------------------------
+
+
+def prompts(history: list[ConversationEntry]) -> list[str]:
+    return [
+        part.content
+        for entry in history
+        for part in entry.message.parts
+        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    ]
+
+
+def appending(message: ModelMessage, *, answer: str = "written") -> LogPlan[str]:
+    """A plan that adds `message` after the newest one and answers `answer`."""
+
+    def plan(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[str, LogWrite | None]:
+        parent_id = history[-1].id if history else None
+        entry = ConversationEntry(parent_id=parent_id, message=message)
+        updated = ConversationRecord(
+            conversation_id="log",
+            head_id=entry.id,
+            usage=record.usage if record is not None else RunUsage(),
+            updated_at=datetime.now(UTC),
+        )
+        return answer, LogWrite(updated, [entry])
+
+    return plan
+
+
+async def test_read_log_gives_the_record_and_the_whole_history(store: AgentStore) -> None:
+    messages = turn()
+    await store.save(Conversation(conversation_id="c1", messages=messages))
+
+    record, history = await store.read_log("c1")
+    again, history_again = await store.read_log("c1")
+
+    assert record is not None and record == await store.read_record("c1") and again == record
+    assert [entry.message for entry in history] == messages == [entry.message for entry in history_again]
+    assert [entry.id for entry in history] == [entry.id for entry in await store.read_history(record.head_id)]
+    assert await store.read_log("missing") == (None, [])
+
+
+async def test_read_log_never_serves_an_entry_the_store_no_longer_has(store: AgentStore) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=turn()))
+    _, history = await store.read_log("c1")  # Parsed and kept, where the backend keeps entries.
+    await store.delete("c1")
+
+    assert await store.read_log("c1") == (None, [])
+    with pytest.raises(LookupError):
+        await store.read_entry(history[-1].id)
+
+
+async def test_sqlite_and_redis_parse_an_entry_once(store: AgentStore) -> None:
+    if isinstance(store, MemoryStore):
+        pytest.skip("the in-process store hands out copies, as pydantic-ai's does")
+    await store.save(Conversation(conversation_id="c1", messages=turn()))
+    _, history = await store.read_log("c1")
+    await store.rewrite("c1", lambda record, log: (None, None))
+    _, again = await store.read_log("c1")
+
+    assert all(entry is kept for entry, kept in zip(again, history, strict=True))
+    fresh = await store.read_history(history[-1].id)  # pydantic-ai's own read: parsed, the caller's to change.
+    assert fresh[-1] is not history[-1] and fresh[-1] == history[-1]
+
+
+async def test_rewrite_writes_what_the_plan_says_and_answers_what_it_answers(store: AgentStore) -> None:
+    first = await store.rewrite("log", appending(ModelRequest.user_text_prompt("one"), answer="first"))
+    second = await store.rewrite("log", appending(ModelRequest.user_text_prompt("two"), answer="second"))
+
+    assert (first, second) == ("first", "second")
+    record, history = await store.read_log("log")
+    assert record is not None and record.head_id == history[-1].id
+    assert prompts(history) == ["one", "two"]
+
+
+async def test_a_plan_that_writes_nothing_changes_nothing(store: AgentStore) -> None:
+    await store.rewrite("log", appending(ModelRequest.user_text_prompt("one")))
+    before = await store.read_record("log")
+    seen: list[int] = []
+
+    def look(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[int, LogWrite | None]:
+        seen.append(len(history))
+        return len(history), None
+
+    assert await store.rewrite("log", look) == 1
+    assert seen == [1]
+    assert await store.read_record("log") == before
+
+
+async def test_concurrent_rewrites_lose_no_message(store: AgentStore) -> None:
+    await asyncio.gather(
+        *(store.rewrite("log", appending(ModelRequest.user_text_prompt(f"message {index}"))) for index in range(20))
+    )
+
+    _, history = await store.read_log("log")
+    contents = prompts(history)
+    assert sorted(contents) == sorted(f"message {index}" for index in range(20))
+    assert [entry.parent_id for entry in history[1:]] == [entry.id for entry in history[:-1]]  # One chain.
+
+
+async def test_a_plan_that_raises_writes_nothing(store: AgentStore) -> None:
+    await store.rewrite("log", appending(ModelRequest.user_text_prompt("one")))
+    before = await store.read_record("log")
+
+    def fail(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[None, LogWrite | None]:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        await store.rewrite("log", fail)
+    assert await store.read_record("log") == before
 
 
 # --- Rate limits: a GCRA allowance per key ------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import sqlite3
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -19,6 +21,7 @@ from pydantic_ai.conversation_store import ConversationConflict, ConversationEnt
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from layercode_agent.stores import (
+    LogWrite,
     MemoryStore,
     SQLiteStore,
     StoreError,
@@ -254,21 +257,31 @@ async def test_deleting_collects_the_same_entries_as_the_memory_store(db_path: P
 WRITER = """
 import asyncio, sys, time
 from pathlib import Path
-from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.conversation_store import ConversationConflict, ConversationEntry, ConversationRecord
 from pydantic_ai.messages import ModelRequest
-from layercode_agent.stores import SQLiteStore
+from layercode_agent.stores import LogWrite, SQLiteStore
 
-async def main(path: str, name: str, count: int, ready: str, other: str) -> None:
+def appending(message):
+    def plan(record, history):
+        entry = ConversationEntry(parent_id=history[-1].id if history else None, message=message)
+        return None, LogWrite(ConversationRecord(conversation_id="shared", head_id=entry.id), [entry])
+    return plan
+
+async def main(path: str, name: str, count: int, ready: str, other: str, how: str) -> None:
     conflicts = 0
     async with SQLiteStore(path) as store:
         Path(ready).touch()
         while not Path(other).exists():  # Start together, so the writes really interleave.
             await asyncio.sleep(0.005)
         for index in range(count):
+            message = ModelRequest.user_text_prompt(f"{name} {index}")
+            if how == "rewrite":  # One transaction: nothing to retry.
+                await store.rewrite("shared", appending(message))
+                continue
             while True:
                 conversation = await store.load("shared")
                 assert conversation is not None
-                conversation.messages.append(ModelRequest.user_text_prompt(f"{name} {index}"))
+                conversation.messages.append(message)
                 try:
                     await store.save(conversation)
                     break
@@ -276,11 +289,12 @@ async def main(path: str, name: str, count: int, ready: str, other: str) -> None
                     conflicts += 1
     print(conflicts)
 
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]))
 """
 
 
-async def test_two_processes_appending_lose_no_update(db_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["save", "rewrite"])
+async def test_two_processes_appending_lose_no_update(db_path: Path, tmp_path: Path, how: str) -> None:
     count = 30
     async with SQLiteStore(db_path) as store:
         await store.save(Conversation(conversation_id="shared"))
@@ -295,6 +309,7 @@ async def test_two_processes_appending_lose_no_update(db_path: Path, tmp_path: P
             str(count),
             ready[name],
             ready["b" if name == "a" else "a"],
+            how,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -313,6 +328,45 @@ async def test_two_processes_appending_lose_no_update(db_path: Path, tmp_path: P
     for name in ("a", "b"):
         assert [prompt for prompt in prompts if str(prompt).startswith(name)] == [f"{name} {i}" for i in range(count)]
     assert len(prompts) == 2 * count
+
+
+async def test_a_rewrite_is_one_call_on_a_pool_thread(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
+    calls: list[object] = []
+    submit = store._executor.submit  # pyright: ignore[reportPrivateUsage]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(store._executor, "submit", counted)  # pyright: ignore[reportPrivateUsage]
+
+    def plan(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[int, LogWrite | None]:
+        entry = ConversationEntry(parent_id=history[-1].id, message=ModelRequest.user_text_prompt("two"))
+        assert record is not None
+        return len(history), LogWrite(dataclasses.replace(record, head_id=entry.id, revision="next"), [entry])
+
+    assert await store.rewrite("c1", plan) == 2
+    assert len(calls) == 1
+    record, history = await store.read_log("c1")
+    assert len(calls) == 2  # And a read is one too.
+    assert record is not None and record.revision == "next" and len(history) == 3
+
+
+async def test_a_broken_chain_under_a_rewrite_is_a_store_error(store: SQLiteStore, db_path: Path) -> None:
+    await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
+    entries = await store.load_entries("c1")
+    assert entries is not None
+    connection = sqlite3.connect(db_path)
+    try:
+        connection.execute("PRAGMA foreign_keys = OFF")
+        connection.execute("DELETE FROM entries WHERE id = ?", (entries[0].id,))
+        connection.commit()
+    finally:
+        connection.close()
+
+    with pytest.raises(StoreError, match="broken"):
+        await store.rewrite("c1", lambda record, history: (None, None))
 
 
 async def test_open_store_sqlite_path_is_relative_to_the_working_directory(

@@ -122,6 +122,8 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 }
 _DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 # Failures that happen before the server answered anything; a retry cannot repeat a spoken word.
+_AFTER_DONE = 0.5
+"""Seconds to wait for a stream's body to end after its `[DONE]`, so its connection is kept (see `_read_to_the_end`)."""
 _RETRYABLE_TRANSPORT = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _PASSED_SETTINGS = {
     "temperature": "temperature",
@@ -418,8 +420,9 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
 
     async def _parsed(self) -> AsyncIterator[ModelResponseStreamEvent]:
         finished = False
+        lines = _sse_data(self._http)
         try:
-            async for data in _sse_data(self._http):
+            async for data in lines:
                 if data == b"[DONE]":
                     break
                 chunk = jiter.from_json(data)
@@ -429,8 +432,12 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
                 for event in self._map_chunk(chunk):
                     yield event
                 finished = finished or self.finish_reason is not None
+            else:
+                lines = None  # The body ended: nothing is left to read.
             for event in self._release_text():
                 yield event
+            if lines is not None:
+                await _read_to_the_end(lines)
         except ValueError as exc:
             raise ModelAPIError(self._model_name, f"the LLM sent a chunk that is not JSON: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -533,7 +540,25 @@ class ChatCompletionsStreamedResponse(StreamedResponse):
         return self._timestamp
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _read_to_the_end(lines: AsyncGenerator[bytes]) -> None:
+    """Read what follows `[DONE]` (the chunked body's last chunk, usually in the same read), briefly.
+
+    A body read to its end lets the HTTP client keep the connection for the next request; one closed
+    before it (`[DONE]` seen, then the stream closed) drops it, and every turn would open a new
+    connection: a TCP handshake on loopback, a TLS handshake to a cloud LLM (tens of milliseconds).
+    A server that keeps the stream open after `[DONE]` costs the connection, not the caller's time.
+    """
+    try:
+        async with asyncio.timeout(_AFTER_DONE):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    finally:
+        await lines.aclose()
+
+
+async def _sse_data(response: httpx.Response) -> AsyncGenerator[bytes]:
     """The `data` of each server-sent event, from the raw byte stream.
 
     Events may be split across network chunks or share one; lines end in LF or CRLF; comment lines

@@ -30,6 +30,7 @@ __all__ = [
     "DELETE_RECORD",
     "DELETE_UNRECORDED_EXTRAS",
     "READ_HISTORY",
+    "READ_LOG",
     "READ_RECORDS",
     "REPLACE_MARKER",
     "SET_MARKER",
@@ -301,27 +302,51 @@ return 0
 """
 """GCRA on the Redis clock: count the request and move the theoretical arrival time on, or return the wait."""
 
+_WALK = """
+-- The entries from `entry_id` back to the first (at most `limit`, -1 for all), newest first, as
+-- {id, kind, message[, parent]} rows; or nil and the id of the first entry that isn't stored.
+local function walk(entry_id, limit)
+  local rows = {}
+  while entry_id and (limit < 0 or #rows < limit) do
+    local fields = redis.call('HMGET', entry_key(entry_id), 'kind', 'message', 'parent')
+    if not fields[2] then return nil, entry_id end
+    local row = {entry_id, fields[1], fields[2]}
+    if fields[3] then row[4] = fields[3] end
+    rows[#rows + 1] = row
+    entry_id = fields[3]
+  end
+  return rows
+end
+"""
+
 READ_HISTORY = (
     "#!lua flags=no-writes\n"
     + _PRELUDE
+    + _WALK
     + """
--- ARGV: prefix, head id, limit (-1 for none).  Returns {'ok', {{id, kind, message[, parent]}, ...}} newest
--- first, or {'missing', id} at the first entry that isn't stored.
-local limit = tonumber(ARGV[3])
-local rows = {}
-local entry_id = ARGV[2]
-while entry_id and (limit < 0 or #rows < limit) do
-  local fields = redis.call('HMGET', entry_key(entry_id), 'kind', 'message', 'parent')
-  if not fields[2] then return {'missing', entry_id} end
-  local row = {entry_id, fields[1], fields[2]}
-  if fields[3] then row[4] = fields[3] end
-  rows[#rows + 1] = row
-  entry_id = fields[3]
-end
+-- ARGV: prefix, head id, limit (-1 for none).  Returns {'ok', rows} (see `walk`), or {'missing', id}.
+local rows, missing = walk(ARGV[2], tonumber(ARGV[3]))
+if not rows then return {'missing', missing} end
 return {'ok', rows}
 """
 )
 """Walk a history from its head back, in one round trip."""
+
+READ_LOG = (
+    "#!lua flags=no-writes\n"
+    + _PRELUDE
+    + _WALK
+    + """
+-- ARGV: prefix, conversation id.  Returns {'none'} when there is no record, {'missing', id} at the first entry of
+-- its history that isn't stored, or {'ok', record, rows} (see `walk`).
+local record = redis.call('HGET', conversation_key(ARGV[2], 'record'), 'record')
+if not record then return {'none'} end
+local rows, missing = walk(optional(cjson.decode(record).head_id), -1)
+if not rows then return {'missing', missing} end
+return {'ok', record, rows}
+"""
+)
+"""A conversation's record and its whole history, in one round trip (a turn's read)."""
 
 READ_RECORDS = (
     "#!lua\n"

@@ -27,18 +27,35 @@ saving the same conversation, and the caller reloads and retries.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
-from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord, ConversationStore
+from pydantic_ai.conversation_store import (
+    ConversationConflict,
+    ConversationEntry,
+    ConversationRecord,
+    ConversationStore,
+)
 
-__all__ = ["TOMBSTONE_TTL", "AgentStore", "SessionEventRecord", "StoreError", "StoreUnavailableError"]
+__all__ = [
+    "TOMBSTONE_TTL",
+    "AgentStore",
+    "LogPlan",
+    "LogWrite",
+    "SessionEventRecord",
+    "StoreError",
+    "StoreUnavailableError",
+]
+
+_T = TypeVar("_T")
 
 TOMBSTONE_TTL: Final = 600.0
 """Seconds a deleted conversation's delivery names are kept: twice the webhook signature tolerance.
@@ -75,6 +92,26 @@ class SessionEventRecord:
 
     payload: dict[str, Any]
     """The event body as Layercode sent it (JSON values only)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogWrite:
+    """What a `rewrite` plan stores.
+
+    The conversation's new record, the entries it adds after the ones it keeps, and the entries its
+    new head no longer reaches (deleted where nothing else reaches them).
+    """
+
+    record: ConversationRecord
+    new_entries: Sequence[ConversationEntry] = ()
+    released: Sequence[str] = ()
+
+
+LogPlan = Callable[[ConversationRecord | None, list[ConversationEntry]], tuple[_T, LogWrite | None]]
+"""Given a conversation's record and history (oldest first), what to answer and what to write (`None`: nothing).
+
+It must be pure and quick: a backend may run it more than once (after a conflict), on one of its own threads,
+inside its write transaction."""
 
 
 class AgentStore(ConversationStore, ABC):
@@ -222,6 +259,54 @@ class AgentStore(ConversationStore, ABC):
             raise ValueError(f"period must be a positive, finite number of seconds (got {period!r})")
         return period / count
 
+    # --- A turn's log: read whole, changed atomically ---------------------------------------------------
+
+    async def read_log(self, conversation_id: str) -> tuple[ConversationRecord | None, list[ConversationEntry]]:
+        """A conversation's record and its whole history, oldest first (empty when the conversation is new).
+
+        For the turn's own reads: a backend may hand out the same entry objects again (it keeps what it
+        has parsed once, since an entry never changes after it is written), so neither the entries nor
+        their messages may be changed in place; replace them with edited copies instead.
+
+        Raises:
+            LookupError: If a concurrent delete or rewrite released the history mid-read.
+        """
+        record = await self.read_record(conversation_id)
+        if record is None or record.head_id is None:
+            return record, []
+        return record, await self.read_history(record.head_id)
+
+    async def rewrite(self, conversation_id: str, plan: LogPlan[_T], *, attempts: int = 12) -> _T:
+        """Read the log, let `plan` decide, and write what it says atomically; return what it answered.
+
+        This default reads (`read_log`), then writes with the revision check, reading and planning again
+        when another writer won (at most `attempts` times, spread so a crowd of writers does not collide
+        again). A backend with transactions may do all of it in one.
+
+        Raises:
+            StoreError: If the store fails, or other writers kept winning for every attempt.
+        """
+        for attempt in range(attempts):
+            try:
+                record, history = await self.read_log(conversation_id)
+            except LookupError:
+                continue  # A concurrent delete or rewrite released the history mid-read.
+            result, write = plan(record, history)
+            if write is None:
+                return result
+            try:
+                await self.write_record_replacing(
+                    write.record,
+                    new_entries=write.new_entries,
+                    expected_revision=record.revision if record is not None else None,
+                    released=write.released,
+                )
+            except ConversationConflict:
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+                continue
+            return result
+        raise kept_changing(conversation_id, attempts)
+
     # --- Replacing the newest messages --------------------------------------------------------------
 
     async def write_record_replacing(
@@ -288,6 +373,11 @@ class AgentStore(ConversationStore, ABC):
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def kept_changing(conversation_id: str, attempts: int) -> StoreError:
+    """The error of a `rewrite` that lost to other writers every time."""
+    return StoreError(f"conversation {conversation_id!r} kept changing while saving; gave up after {attempts} attempts")
 
 
 def _tombstone_key(conversation_id: str) -> tuple[str, str]:

@@ -38,6 +38,7 @@ import math
 from collections.abc import Awaitable, Generator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -49,6 +50,7 @@ from redis.backoff import NoBackoff
 
 from ..redact import redact_text
 from . import _redis_scripts as scripts
+from ._cache import EntryCache
 from ._serialization import (
     dump_message,
     dump_payload,
@@ -162,6 +164,9 @@ class RedisStore(AgentStore):
         self._replace_marker = self._client.register_script(scripts.REPLACE_MARKER)
         self._take_allowance = self._client.register_script(scripts.TAKE_ALLOWANCE)
         self._read_history = self._client.register_script(scripts.READ_HISTORY)
+        self._read_log = self._client.register_script(scripts.READ_LOG)
+        self._entries = EntryCache()
+        """The entries `read_log` parsed, for the next turn's read (see `_cache`)."""
         self._read_records = self._client.register_script(scripts.READ_RECORDS)
 
     @property
@@ -297,6 +302,29 @@ class RedisStore(AgentStore):
             raise KeyError(cast(str, payload))
         rows = cast(list[list[str]], payload)
         return [_entry(row[0], row[3] if len(row) > 3 else None, row[1], row[2]) for row in reversed(rows)]
+
+    # --- A turn's log -------------------------------------------------------------------------------
+
+    async def read_log(self, conversation_id: str) -> tuple[ConversationRecord | None, list[ConversationEntry]]:
+        """The record and its whole history in one round trip; entries parsed before are not parsed again.
+
+        Raises:
+            LookupError: If a concurrent delete or rewrite released the history mid-read.
+        """
+        with self._translate_errors():
+            reply = cast(list[Any], await self._read_log(args=[self._prefix, conversation_id]))
+        if reply[0] == "none":
+            return None, []
+        if reply[0] == "missing":
+            raise KeyError(cast(str, reply[1]))
+        record = load_record(cast(str, reply[1]))
+        cache = self._entries
+        history: list[ConversationEntry] = []
+        for row in reversed(cast(list[list[str]], reply[2])):
+            entry_id, message = row[0], row[2]
+            _check_kind(entry_id, row[1])
+            history.append(cache.entry(entry_id, row[3] if len(row) > 3 else None, partial(load_message, message)))
+        return record, history
 
     # --- Session events ---------------------------------------------------------------------------
 
@@ -448,9 +476,13 @@ class RedisStore(AgentStore):
 
 
 def _entry(entry_id: str, parent_id: str | None, kind: str | None, message: str) -> ConversationEntry:
+    _check_kind(entry_id, kind)
+    return ConversationEntry(id=entry_id, parent_id=parent_id, message=load_message(message))
+
+
+def _check_kind(entry_id: str, kind: str | None) -> None:
     if kind != "message":
         raise StoreError(f"Entry {entry_id!r} has kind {kind!r}, which this version cannot read.")
-    return ConversationEntry(id=entry_id, parent_id=parent_id, message=load_message(message))
 
 
 def _microseconds(moment: datetime) -> int:

@@ -102,14 +102,37 @@ class Workers:
         return ConversationLock(self._locks, conversation_id)
 
     async def heartbeat(self) -> None:
-        """Tell other workers this one is alive, at most once per `HEARTBEAT_EVERY`."""
+        """Tell other workers this one is alive, at most once per `HEARTBEAT_EVERY`.
+
+        Awaited only when the last heartbeat may have expired: while it still stands for longer than
+        `HEARTBEAT_EVERY`, it is renewed in the background, off the turn's path to the model.
+        """
         if not self.store.shared:
             return
         now = asyncio.get_running_loop().time()
-        if now - self._heartbeat_at < HEARTBEAT_EVERY:
+        age = now - self._heartbeat_at
+        if age < HEARTBEAT_EVERY:
             return
         self._heartbeat_at = now
+        if age < HEARTBEAT_TTL - HEARTBEAT_EVERY:
+            self._spawn(self._renew(now))
+            return
+        try:
+            await self._beat()
+        except BaseException:
+            self._heartbeat_at = float("-inf")  # Not written: the next one is awaited again.
+            raise
+
+    async def _beat(self) -> None:
         await self.store.set_marker("", f"worker:{self.owner}", "alive", ttl=HEARTBEAT_TTL)
+
+    async def _renew(self, started: float) -> None:
+        try:
+            await self._beat()
+        except StoreError as exc:
+            if self._heartbeat_at == started:
+                self._heartbeat_at = float("-inf")
+            logger.warning("could not renew this worker's heartbeat: %s", exc)
 
     async def alive(self, owner: str | None) -> bool:
         """Whether the worker named `owner` has a heartbeat."""
