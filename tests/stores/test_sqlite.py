@@ -9,6 +9,7 @@ import random
 import sqlite3
 import stat
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from layercode_agent.stores import (
     StoreUnavailableError,
     open_store,
 )
-from layercode_agent.stores.sqlite import SCHEMA_VERSION
+from layercode_agent.stores.sqlite import SCHEMA_VERSION, _Pool  # pyright: ignore[reportPrivateUsage]
 
 from ..fakes.stalled_disk import hit_path, stalling_connect
 from .sharing import assert_one_allowance
@@ -333,13 +334,13 @@ async def test_two_processes_appending_lose_no_update(db_path: Path, tmp_path: P
 async def test_a_rewrite_is_one_call_on_a_pool_thread(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     await store.save(Conversation(conversation_id="c1", messages=exchange("one")))
     calls: list[object] = []
-    submit = store._executor.submit  # pyright: ignore[reportPrivateUsage]
+    run = store._pool.run  # pyright: ignore[reportPrivateUsage]
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[0])
-        return submit(*args, **kwargs)
+        return run(*args, **kwargs)
 
-    monkeypatch.setattr(store._executor, "submit", counted)  # pyright: ignore[reportPrivateUsage]
+    monkeypatch.setattr(store._pool, "run", counted)  # pyright: ignore[reportPrivateUsage]
 
     def plan(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[int, LogWrite | None]:
         entry = ConversationEntry(parent_id=history[-1].id, message=ModelRequest.user_text_prompt("two"))
@@ -588,3 +589,26 @@ async def test_an_existing_folder_keeps_its_mode(tmp_path: Path) -> None:
         pass
     assert mode(folder) == 0o750
     assert mode(folder / "conversations.db") == 0o600
+
+
+async def test_the_pool_runs_calls_on_its_threads_and_never_one_whose_caller_left() -> None:
+    pool = _Pool(1, "test-pool")
+    release = threading.Event()
+    ran: list[str] = []
+    try:
+        assert await pool.run(threading.current_thread, 10) is not threading.current_thread()
+        with pytest.raises(ValueError, match="boom"):
+            await pool.run(lambda: (_ for _ in ()).throw(ValueError("boom")), 10)
+        blocked = pool.run(lambda: release.wait(60), 60)  # Holds the only thread.
+        with pytest.raises(TimeoutError):
+            await pool.run(lambda: ran.append("timed out"), 0.05)
+        left = pool.run(lambda: ran.append("cancelled"), 60)
+        left.cancel()
+        last = pool.run(lambda: ran.append("last"), 60)
+        release.set()
+        assert await blocked is True
+        await last
+        assert ran == ["last"]
+    finally:
+        release.set()
+        pool.shutdown()
