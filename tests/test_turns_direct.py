@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models import override_allow_model_requests
 
 from layercode_agent.agent import TOOL_FILLER, build_agent
-from layercode_agent.agent.chat_completions import ChatCompletionsModel
+from layercode_agent.agent.chat_completions import ChatCompletionsModel, EarlyRequest
 from layercode_agent.stores import MemoryStore
 from layercode_agent.turns import TurnRunner
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -88,3 +88,33 @@ async def test_a_hang_up_stores_exactly_what_was_sent(fake_llm: FakeOpenAI, lean
     assert reply.parts[0] == TextPart(content=heard) and heard.count("w") >= 3
     assert (reply.metadata or {}).get("status") == "interrupted"
     assert fake_llm.received[0].tokens_sent < 200
+
+
+async def test_a_turns_request_leaves_before_the_agent_asks_and_is_the_agents_own(
+    fake_llm: FakeOpenAI, lean: ChatCompletionsModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handles: list[EarlyRequest | None] = []
+    open_early = lean.open_early
+
+    async def kept(messages: Any) -> EarlyRequest | None:
+        handles.append(await open_early(messages))
+        return handles[-1]
+
+    monkeypatch.setattr(lean, "open_early", kept)
+    store = MemoryStore()
+    runner = TurnRunner(agent=build_agent(tools=False), model=lean, store=store, poll_interval=0.02)
+    for index in range(3):
+        events = await collect(runner.stream_message(message(f"question {index}", f"t{index}")))
+        assert spoken(events) == "Hello there, how can I help?"
+        await settled(runner)
+
+    assert len(handles) == 3 and all(handle is not None and handle.taken for handle in handles)
+    assert handles[0] is not None and handles[0].task is None  # The first turn had nothing to go by.
+    assert all(handle is not None and handle.task is not None for handle in handles[1:])
+    assert len(fake_llm.received) == 3 and all(received.completed for received in fake_llm.received)
+    assert [m["content"] for m in fake_llm.received[2].messages if m["role"] == "user"] == [
+        "question 0",
+        "question 1",
+        "question 2",
+    ]
+    assert lean._early_misses == 0  # pyright: ignore[reportPrivateUsage]

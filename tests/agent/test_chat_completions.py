@@ -28,7 +28,13 @@ from pydantic_ai.models import ModelRequestParameters, override_allow_model_requ
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import ToolDefinition
 
-from layercode_agent.agent.chat_completions import DIRECT_TEXT, ChatCompletionsModel, MessageCache, map_messages
+from layercode_agent.agent.chat_completions import (
+    DIRECT_TEXT,
+    EARLY_REQUEST,
+    ChatCompletionsModel,
+    MessageCache,
+    map_messages,
+)
 from tests.fakes.net import free_port
 from tests.fakes.openai_server import FakeOpenAI, Reply
 
@@ -443,3 +449,94 @@ async def test_embedded_thinking_is_never_handed_to_direct(model: ChatCompletion
     thinking, text = response.parts
     assert isinstance(thinking, ThinkingPart) and thinking.content == "plan it"
     assert text == TextPart(content="Sure.")
+
+
+# --- The early request: sent while the agent sets its run up, taken only if it is the agent's own -------
+
+HELLO = "".join(Reply().tokens)
+
+
+async def _agent_turn(
+    model: ChatCompletionsModel, agent: Agent[None, str], messages: list[ModelMessage], *, early: bool = True
+) -> str:
+    """One turn as the runner makes it: the early request first (if asked), then the agent's run."""
+    handle = await model.open_early(messages) if early else None
+    token = EARLY_REQUEST.set(handle)
+    try:
+        result = await agent.run(message_history=messages)
+    finally:
+        EARLY_REQUEST.reset(token)
+        if handle is not None:
+            handle.discard()
+    return result.output
+
+
+def _turns(count: int) -> list[ModelMessage]:
+    history: list[ModelMessage] = []
+    for index in range(count):
+        history.append(ModelRequest(parts=[UserPromptPart(f"question {index}")]))
+        history.append(ModelResponse(parts=[TextPart(f"answer {index}")]))
+    return [*history, ModelRequest(parts=[UserPromptPart("and now?")])]
+
+
+async def test_the_early_request_is_the_turns_only_request_when_it_is_the_agents_own(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    agent = Agent(model, instructions="Be brief.")
+    blank = await model.open_early(_turns(0))
+    assert blank is not None and blank.task is None  # No turn yet to make it like: nothing sent.
+    blank.discard()
+    assert await _agent_turn(model, agent, _turns(0)) == HELLO
+    first = fake.received[-1]
+
+    assert await _agent_turn(model, agent, _turns(1)) == HELLO
+
+    assert len(fake.received) == 2  # The early request was the turn's request: nothing sent twice.
+    second = fake.received[1]
+    assert second.messages[0] == {"role": "system", "content": "Be brief."}
+    assert [m["content"] for m in second.messages[1:]] == ["question 0", "answer 0", "and now?"]
+    assert {key: value for key, value in second.body.items() if key != "messages"} == {
+        key: value for key, value in first.body.items() if key != "messages"
+    }
+    assert second.completed and not second.hung_up.is_set()
+
+
+async def test_an_early_request_that_is_not_the_agents_is_closed_and_never_answers(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    await _agent_turn(model, Agent(model, instructions="Be brief."), _turns(0))
+    other = Agent(model, instructions="Answer in French.")  # Other instructions: another body.
+    # The early request (last turn's instructions) would take seconds: only a closed one ends before.
+    fake.responder = lambda received: Reply(
+        first_token_delay=5.0 if received.messages[0]["content"] == "Be brief." else 0.0
+    )
+
+    assert await _agent_turn(model, other, _turns(1)) == HELLO
+
+    # Closed as soon as the agent's own request differed: the fake may not even have read it, and
+    # if it did, it never streamed it to its end.
+    early = [received for received in fake.received[1:] if received.messages[0]["content"] == "Be brief."]
+    real = [received for received in fake.received[1:] if received.messages[0]["content"] == "Answer in French."]
+    assert len(real) == 1 and real[0].completed
+    assert all(received.hung_up.wait(10) and not received.completed for received in early)
+
+
+async def test_after_misses_in_a_row_no_early_request_is_sent(model: ChatCompletionsModel, fake: FakeOpenAI) -> None:
+    for index in range(4):
+        # Instructions that change every turn: no early request can ever be the agent's own.
+        await _agent_turn(model, Agent(model, instructions=f"Turn {index}."), _turns(index))
+    # Turn 0 had nothing to go by; turns 1 to 3 missed: no more early requests.
+    assert await model.open_early(_turns(4)) is None
+    assert await _agent_turn(model, Agent(model, instructions="Be brief."), _turns(4)) == HELLO
+    assert fake.received[-1].messages[0]["content"] == "Be brief." and fake.received[-1].completed
+
+
+async def test_an_early_request_that_fails_counts_as_the_first_attempt(
+    model: ChatCompletionsModel, fake: FakeOpenAI
+) -> None:
+    agent = Agent(model, instructions="Be brief.")
+    await _agent_turn(model, agent, _turns(0))
+    fake.script(Reply(fail="http500"), Reply(tokens=["Second", " try"]))
+
+    assert await _agent_turn(model, agent, _turns(1)) == "Second try"
+    assert len(fake.received) == 3  # The early request (500), then the one retry; no third attempt.

@@ -9,7 +9,7 @@ from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.models import Model
 
 from ..utils import import_string
-from .chat_completions import DIRECT_TEXT, ChatCompletionsModel
+from .chat_completions import DIRECT_TEXT, EARLY_REQUEST, ChatCompletionsModel
 from .cleaning import VoiceTextCleaner, clean_text
 from .deps import CallContext
 from .models import ModelChoice, ModelKeys, resolve_model
@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_WELCOME_MESSAGE",
     "DIRECT_TEXT",
+    "EARLY_REQUEST",
     "INTERRUPTED_MARK",
     "SLOW_FILLER",
     "TOOL_FILLER",

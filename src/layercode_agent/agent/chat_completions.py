@@ -42,9 +42,17 @@ tool call or reasoning, and at the end of the stream. The agent's record of the 
 same; the reader knows a response's text came directly from the first call, and skips that
 response's text events.
 
+The request can leave before the agent asks for it. pydantic-ai spends 3 to 5 ms of CPU setting up a
+run and its first model request (capabilities, the graph, the request's preparation) before
+`request_stream` is called, and the caller waits for all of it. `open_early` sends, as soon as the
+turn knows its history, the request the agent's first one will most likely be: the last turn's first
+request with this turn's messages. The agent's own request takes it only if its body and headers are
+the same bytes, so the model always answers exactly what the agent asked; otherwise it is closed at
+once, and after three misses in a row (an agent whose instructions change every turn) none is sent.
+
 Retries suit a voice call: a connection that could not be opened, or a 5xx/429 answer before any
 byte of the stream, is retried once at once; anything else raises, and the caller hears the apology
-instead of seconds of silence.
+instead of seconds of silence. An early request counts as the first attempt.
 """
 
 from __future__ import annotations
@@ -102,8 +110,10 @@ from pydantic_ai.usage import RequestUsage
 __all__ = [
     "DEFAULT_BASE_URL",
     "DIRECT_TEXT",
+    "EARLY_REQUEST",
     "ChatCompletionsModel",
     "ChatCompletionsStreamedResponse",
+    "EarlyRequest",
     "MessageCache",
     "map_messages",
 ]
@@ -112,6 +122,12 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 DIRECT_TEXT: ContextVar[Callable[[str], None] | None] = ContextVar("layercode_agent_direct_text", default=None)
 """Where a `ChatCompletionsModel` stream hands each text delta at once, if set (see the module docstring)."""
+
+EARLY_REQUEST: ContextVar[EarlyRequest | None] = ContextVar("layercode_agent_early_request", default=None)
+"""A request `ChatCompletionsModel.open_early` sent for this turn, which its first request takes if it is the same."""
+
+_EARLY_MISSES = 3
+"""Early requests in a row the agent's own first request did not match, after which none is sent any more."""
 
 # As pydantic-ai's Chat Completions mapping has it.
 _FINISH_REASONS: dict[str, FinishReason] = {
@@ -137,6 +153,40 @@ _PASSED_SETTINGS = {
     "frequency_penalty": "frequency_penalty",
     "logit_bias": "logit_bias",
 }
+
+
+@dataclass(frozen=True)
+class _Template:
+    body: dict[str, Any]
+    instructions: Sequence[str]
+    headers: dict[str, str]
+    timeout: aiohttp.ClientTimeout | None
+
+
+@dataclass(eq=False)
+class EarlyRequest:
+    """A request sent before the agent asked for it (`ChatCompletionsModel.open_early`)."""
+
+    content: bytes
+    headers: dict[str, str]
+    task: asyncio.Task[aiohttp.ClientResponse] | None
+    """`None`: nothing was sent (there was nothing to go by yet)."""
+    taken: bool = False
+    """Whether the agent's request took it, or it was discarded."""
+
+    def discard(self) -> None:
+        """Close it if the agent's request did not take it: the server sees the hang-up at once."""
+        if self.taken:
+            return
+        self.taken = True
+        if self.task is not None:
+            self.task.add_done_callback(_close_early)
+            self.task.cancel()
+
+
+def _close_early(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 class ChatCompletionsModel(Model):
@@ -167,6 +217,9 @@ class ChatCompletionsModel(Model):
         self._owns_session = session is None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._cache = MessageCache()
+        self._template: _Template | None = None
+        """How the last turn's first request was made, but for its messages (see `open_early`)."""
+        self._early_misses = 0
         super().__init__(settings=settings, profile=profile)
 
     def __repr__(self) -> str:
@@ -251,8 +304,13 @@ class ChatCompletionsModel(Model):
         check_allow_model_requests()
         settings, params = self.prepare_request(model_settings, model_request_parameters)
         settings = settings or ModelSettings()
-        body = self.build_body(messages, settings, params)
-        response = await self._open(body, settings)
+        instructions = self._instructions(messages, params)
+        body = self.build_body(messages, settings, params, instructions)
+        early = EARLY_REQUEST.get()
+        if early is not None and not early.taken:  # A turn's first request: the next turn's is made like it.
+            headers, timeout = self._request_headers(settings), _timeout(settings.get("timeout"))
+            self._template = _Template(body, instructions, headers, timeout)
+        response = await self._open(body, settings, early)
         try:
             yield ChatCompletionsStreamedResponse(
                 model_request_parameters=params,
@@ -271,12 +329,18 @@ class ChatCompletionsModel(Model):
                 response.close()
 
     def build_body(
-        self, messages: Sequence[ModelMessage], settings: ModelSettings, params: ModelRequestParameters
+        self,
+        messages: Sequence[ModelMessage],
+        settings: ModelSettings,
+        params: ModelRequestParameters,
+        instructions: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """The JSON body of one streamed request (public so tests and benchmarks can look at it)."""
+        if instructions is None:
+            instructions = self._instructions(messages, params)
         body: dict[str, Any] = {
             "model": self._model_name,
-            "messages": map_messages(messages, self._instructions(messages, params), self._cache),
+            "messages": map_messages(messages, instructions, self._cache),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -314,19 +378,71 @@ class ChatCompletionsModel(Model):
     def _instructions(self, messages: Sequence[ModelMessage], params: ModelRequestParameters) -> list[str]:
         return [part.content for part in self._get_instruction_parts(messages, params) or [] if part.content]
 
-    async def _open(self, body: dict[str, Any], settings: ModelSettings) -> aiohttp.ClientResponse:
-        """Send the request and return the response once its head says 200; at most one immediate retry."""
-        session = self.session
-        headers = self._headers
+    async def open_early(self, messages: Sequence[ModelMessage]) -> EarlyRequest | None:
+        """Send now the request the agent's first one of this turn will most likely be.
+
+        The agent spends milliseconds on setting up its run before it asks for the model; the caller
+        waits for every one of them. The guess is the last turn's first request with `messages`
+        (the history as the agent will be given it) in place of its messages: the same instructions,
+        tools and settings. Put the result in `EARLY_REQUEST` for the run: its first request takes the
+        early one only if its body and headers are byte for byte the same, so what the model answers
+        is always what the agent asked; otherwise the early request is closed at once. After a few
+        misses in a row (instructions that change every turn, say) no early request is sent any more,
+        and this returns `None`. Before the first turn there is nothing to go by: the handle then
+        sends nothing, and only has the turn's first request kept as the next turn's guess.
+        Call `EarlyRequest.discard()` when the run is over.
+        """
+        template = self._template
+        if self._early_misses >= _EARLY_MISSES:
+            return None
+        if template is None:
+            return EarlyRequest(b"", {}, None)
+        body = dict(template.body)  # The same keys in the same order: the bytes match when the messages do.
+        body["messages"] = map_messages(messages, template.instructions, self._cache)
+        content = pydantic_core.to_json(body)
+        task = asyncio.get_running_loop().create_task(self._post(content, template.headers, template.timeout))
+        # One turn of the loop: on a kept-alive connection the request is written before this returns, rather
+        # than after the agent's set-up, which awaits nothing for milliseconds.
+        await asyncio.sleep(0)
+        return EarlyRequest(content, template.headers, task)
+
+    def _request_headers(self, settings: ModelSettings) -> dict[str, str]:
         if extra_headers := settings.get("extra_headers"):
-            headers = {**headers, **extra_headers}
+            return {**self._headers, **extra_headers}
+        return self._headers
+
+    async def _post(
+        self, content: bytes, headers: dict[str, str], limits: aiohttp.ClientTimeout | None
+    ) -> aiohttp.ClientResponse:
+        return await self.session.post(self._url, data=content, headers=headers, timeout=limits)
+
+    async def _open(
+        self, body: dict[str, Any], settings: ModelSettings, early: EarlyRequest | None = None
+    ) -> aiohttp.ClientResponse:
+        """Send the request and return the response once its head says 200; at most one immediate retry.
+
+        An `early` request made for the same body and headers is the first attempt, already under way.
+        """
+        headers = self._request_headers(settings)
         timeout = _timeout(settings.get("timeout"))
         content = pydantic_core.to_json(body)
+        if early is None or early.taken or early.task is None:
+            early = None
+        elif early.content == content and early.headers == headers:
+            self._early_misses = 0
+        else:
+            self._early_misses += 1
+            early.discard()
+            early = None
         # `max_retries: 0` makes a single attempt; more than one retry is never made.
         attempts = 1 if settings.get("max_retries") == 0 else 2
         for attempt in range(1, attempts + 1):
             try:
-                response = await session.post(self._url, data=content, headers=headers, timeout=timeout)
+                if attempt == 1 and early is not None and early.task is not None:
+                    early.taken = True
+                    response = await early.task
+                else:
+                    response = await self._post(content, headers, timeout)
             except TimeoutError as exc:
                 raise connection_error(self._model_name, _message(exc), exc, timeout=True) from exc
             except _RETRYABLE_TRANSPORT as exc:

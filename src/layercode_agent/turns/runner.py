@@ -40,7 +40,17 @@ from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage, UsageLimits
 
-from ..agent import APOLOGY, DIRECT_TEXT, INTERRUPTED_MARK, SLOW_FILLER, TOOL_FILLER, CallContext, clean_text
+from ..agent import (
+    APOLOGY,
+    DIRECT_TEXT,
+    EARLY_REQUEST,
+    INTERRUPTED_MARK,
+    SLOW_FILLER,
+    TOOL_FILLER,
+    CallContext,
+    ChatCompletionsModel,
+    clean_text,
+)
 from ..history import (
     FAILED,
     INTERRUPTED,
@@ -346,6 +356,10 @@ class TurnRunner:
             if self.filler_after_ms is not None and self.slow_filler
             else None
         )
+        # The request the agent's first one will most likely be goes out now, while the agent sets its run up.
+        model = self.model
+        early = await model.open_early(conversation.messages) if isinstance(model, ChatCompletionsModel) else None
+        early_token = EARLY_REQUEST.set(early)
         try:
             # Closed here, in this task: the run's context managers must exit in the context they entered.
             async with aclosing(self._reply(conversation, event, turn, adapter)) as replies:
@@ -385,6 +399,9 @@ class TurnRunner:
             text = "".join(produced) + apology
             return closing_messages(turn_id, adapter.finished_calls, text, FAILED), turn.spent()
         finally:
+            EARLY_REQUEST.reset(early_token)
+            if early is not None:
+                early.discard()
             if timer is not None:
                 timer.cancel()
 
