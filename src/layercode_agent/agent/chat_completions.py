@@ -401,8 +401,10 @@ class ChatCompletionsModel(Model):
         body["messages"] = map_messages(messages, template.instructions, self._cache)
         content = pydantic_core.to_json(body)
         task = asyncio.get_running_loop().create_task(self._post(content, template.headers, template.timeout))
-        # One turn of the loop: on a kept-alive connection the request is written before this returns, rather
-        # than after the agent's set-up, which awaits nothing for milliseconds.
+        # Two turns of the loop: the request starts, then (aiohttp writes a body in a task of its own before
+        # Python 3.12) its body goes out; on a kept-alive connection it is on the wire before this returns,
+        # not after the agent's set-up, which awaits nothing for milliseconds.
+        await asyncio.sleep(0)
         await asyncio.sleep(0)
         return EarlyRequest(content, template.headers, task)
 
