@@ -824,13 +824,35 @@ def _read_log(
 
 
 def _rewrite(connection: sqlite3.Connection, *, conversation_id: str, plan: LogPlan[_T], cache: EntryCache) -> _T:
+    # Read and plan before taking the write lock (WAL readers wait for nobody), so another process's writes
+    # wait only for this one's write; under the lock, the revision says whether anyone wrote in between,
+    # and only then is the log read and planned again. A plan that writes nothing takes no lock at all.
+    try:
+        record, history = _read_log(connection, conversation_id=conversation_id, cache=cache)
+    except KeyError:
+        planned = None  # Released by a concurrent delete or rewrite mid-read: read again under the lock.
+    else:
+        planned = (record, *plan(record, history))
+        if planned[2] is None:
+            return planned[1]
     with _transaction(connection):
-        try:
-            record, history = _read_log(connection, conversation_id=conversation_id, cache=cache)
-        except KeyError as exc:
-            # Nobody can release entries inside this transaction: the chain was broken before it began.
-            raise StoreError(f"the history of conversation {conversation_id!r} is broken: entry {exc} is gone") from exc
-        result, write = plan(record, history)
+        if planned is not None:
+            revision = planned[0].revision if planned[0] is not None else None
+            stored = connection.execute(
+                "SELECT revision FROM records WHERE conversation_id = ?", (conversation_id,)
+            ).fetchone()
+            if (stored[0] if stored is not None else None) != revision:
+                planned = None  # Someone wrote in between.
+        if planned is None:
+            try:
+                record, history = _read_log(connection, conversation_id=conversation_id, cache=cache)
+            except KeyError as exc:
+                # Nobody can release entries inside this transaction: the chain was broken before it began.
+                raise StoreError(
+                    f"the history of conversation {conversation_id!r} is broken: entry {exc} is gone"
+                ) from exc
+            planned = (record, *plan(record, history))
+        record, result, write = planned
         if write is not None:
             _write_log(connection, write, expected_revision=record.revision if record is not None else None)
         return result
