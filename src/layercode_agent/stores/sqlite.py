@@ -770,6 +770,11 @@ def _write_record(
         _write_rows(connection, row=row, entries=entries, expected_revision=expected_revision, released=released)
 
 
+def _stored_revision(connection: sqlite3.Connection, conversation_id: str) -> str | None:
+    stored = connection.execute("SELECT revision FROM records WHERE conversation_id = ?", (conversation_id,)).fetchone()
+    return None if stored is None else str(stored[0])
+
+
 def _write_rows(
     connection: sqlite3.Connection,
     *,
@@ -780,8 +785,7 @@ def _write_rows(
 ) -> None:
     """Inside a write transaction: the revision check, the new entries, the record, the released entries."""
     conversation_id, _, head_id, *_ = row
-    stored = connection.execute("SELECT revision FROM records WHERE conversation_id = ?", (conversation_id,)).fetchone()
-    if (stored[0] if stored is not None else None) != expected_revision:
+    if _stored_revision(connection, conversation_id) != expected_revision:
         raise ConversationConflict(conversation_id)
     new_ids = {entry[0] for entry in entries}
     if (
@@ -838,10 +842,7 @@ def _rewrite(connection: sqlite3.Connection, *, conversation_id: str, plan: LogP
     with _transaction(connection):
         if planned is not None:
             revision = planned[0].revision if planned[0] is not None else None
-            stored = connection.execute(
-                "SELECT revision FROM records WHERE conversation_id = ?", (conversation_id,)
-            ).fetchone()
-            if (stored[0] if stored is not None else None) != revision:
+            if _stored_revision(connection, conversation_id) != revision:
                 planned = None  # Someone wrote in between.
         if planned is None:
             try:
