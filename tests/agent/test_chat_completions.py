@@ -540,3 +540,28 @@ async def test_an_early_request_that_fails_counts_as_the_first_attempt(
 
     assert await _agent_turn(model, agent, _turns(1)) == "Second try"
     assert len(fake.received) == 3  # The early request (500), then the one retry; no third attempt.
+
+
+async def test_the_proxy_the_environment_names_carries_the_requests(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake LLM plays the proxy: a request for a host nobody can resolve reaches it, in absolute form.
+    monkeypatch.setenv("HTTP_PROXY", fake.base_url.rsplit("/v1", 1)[0])
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with ChatCompletionsModel("fake-model", base_url="http://llm.invalid/v1", api_key="sk-test") as proxied:
+        for _ in range(2):  # Read once, used for every request.
+            _, response = await _stream(proxied)
+            assert response.parts
+    assert len(fake.received) == 2
+    assert {received.headers["host"] for received in fake.received} == {"llm.invalid"}
+
+
+async def test_no_proxy_excludes_a_host_from_the_environments_proxy(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # Nothing listens there.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with ChatCompletionsModel("fake-model", base_url=fake.base_url, api_key="sk-test") as direct:
+        _, response = await _stream(direct)
+    assert response.parts and len(fake.received) == 1

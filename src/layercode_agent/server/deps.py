@@ -23,7 +23,7 @@ from .runtime import Runtime
 __all__ = ["RuntimeDep", "read_body", "read_json"]
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     """The process-wide services built at start-up."""
     return cast(Runtime, request.app.state.runtime)
 

@@ -30,7 +30,7 @@ MAX_LIMIT = 1000
 """Most conversations one list request returns."""
 
 
-def require_admin(request: Request, runtime: RuntimeDep) -> None:
+async def require_admin(request: Request, runtime: RuntimeDep) -> None:
     """Refuse the request unless it carries the admin bearer token.
 
     Raises:
