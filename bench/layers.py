@@ -5,15 +5,21 @@ apart) through ever more of the stack, each layer on its own, and reports the CP
 
 | layer | what runs |
 |---|---|
-| `httpx` | the chat-completions request and its SSE body read line by line, nothing parsed: Python's floor |
-| `openai` | the OpenAI SDK's streaming call, every chunk parsed into its pydantic models |
-| `pydantic-ai model` | pydantic-ai's `OpenAIChatModel` streaming response (`pydantic_ai.direct.model_request_stream`) |
-| `pydantic-ai agent` | the project's agent run (`agent.iter`, node streams), as a turn runs it |
+| `aiohttp` | the chat-completions request, its SSE body read chunk by chunk, nothing parsed: the floor's client |
+| `lean model` | the project's `ChatCompletionsModel` streaming response (`pydantic_ai.direct.model_request_stream`) |
+| `pydantic-ai agent` | the project's agent run on the lean model (`agent.iter`, node streams), as a turn runs it |
 | `turn (memory)` | the whole turn (`TurnRunner`: turn record, cleaning, queue) on the memory store |
 | `turn (sqlite)` | the same on SQLite (its thread's CPU included) |
+| `httpx` | the same request read line by line with httpx, nothing parsed |
+| `openai SDK` | the OpenAI SDK's streaming call, every chunk parsed into its pydantic models |
+| `pydantic-ai model (SDK)` | pydantic-ai's `OpenAIChatModel` streaming response, on the SDK (`OPENAI_CLIENT=sdk`) |
+| `pydantic-ai agent (SDK)` | the agent run on that model |
 
-Each layer's figure includes the layers above it in the table, so the difference between two rows is what the
-lower layer adds. The first table streams the full reply (per-token cost); the second asks for a one-token reply
+Each figure includes the layer it is built on (in brackets: what the layer adds to that one): the lean model
+on aiohttp, the agent on the lean model, each turn on the agent; and the SDK's chain on httpx. The difference
+between the agent and the lean model is what pydantic-ai's run costs a reply, whatever the model.
+
+The first table streams the full reply (per-token cost); the second asks for a one-token reply
 with 0, 10 and 40 earlier exchanges in the conversation (the per-request cost, and how it grows with history:
 every earlier message is converted and encoded again on every request).
 
@@ -35,18 +41,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
+from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.direct import model_request_stream
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
+from pydantic_ai.models import Model
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.providers.openai import OpenAIProvider
 from rich.console import Console
 from rich.table import Table
 
-from layercode_agent.agent import CallContext, build_agent
+from layercode_agent.agent import CallContext, ChatCompletionsModel, build_agent
 from layercode_agent.history import COMPLETED, turn_meta
 from layercode_agent.protocol import MessageEvent
 from layercode_agent.stores import AgentStore, open_store
@@ -58,7 +67,18 @@ from .fake_llm import reply_text
 
 __all__ = ["LAYERS", "main", "measure"]
 
-LAYERS = ("httpx", "openai", "pydantic-ai model", "pydantic-ai agent", "turn (memory)", "turn (sqlite)")
+LAYERS: dict[str, str | None] = {
+    "aiohttp": None,
+    "lean model": "aiohttp",
+    "pydantic-ai agent": "lean model",
+    "turn (memory)": "pydantic-ai agent",
+    "turn (sqlite)": "pydantic-ai agent",
+    "httpx": None,
+    "openai SDK": "httpx",
+    "pydantic-ai model (SDK)": "openai SDK",
+    "pydantic-ai agent (SDK)": "pydantic-ai model (SDK)",
+}
+"""Each layer, and the one it is built on (its figure includes that one's)."""
 
 Reply = Callable[[int], Awaitable[None]]
 """Ask for reply number `n` (its key and history follow from `n`) and read it to the end."""
@@ -112,14 +132,20 @@ class _Layers:
         self.history = history
         self.past = _exchanges(history, tokens)
         self.http = httpx.AsyncClient(timeout=60)
+        self.session: aiohttp.ClientSession | None = None
         self.sdk = AsyncOpenAI(base_url=base_url, api_key="bench")
-        self.model = OpenAIChatModel("bench", provider=OpenAIProvider(base_url=base_url, api_key="bench"))
+        self.sdk_model = OpenAIChatModel("bench", provider=OpenAIProvider(base_url=base_url, api_key="bench"))
+        self.sdk_agent = build_agent(model=self.sdk_model)
+        self.model = ChatCompletionsModel("bench", base_url=base_url, api_key="bench")
         self.agent = build_agent(model=self.model)
         self.data_dir = data_dir
         self.stores: list[AgentStore] = []
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        if self.session is not None:
+            await self.session.close()
+        await self.model.aclose()
         await self.sdk.close()
         for store in self.stores:
             await store.aclose()
@@ -127,10 +153,13 @@ class _Layers:
     def reply(self, layer: str) -> tuple[Reply, Callable[[Sequence[int]], Awaitable[None]]]:
         """How `layer` asks for reply `n`, and what to do (untimed) before replies `ns` are asked for."""
         plain = {
+            "aiohttp": self._aiohttp,
+            "lean model": lambda n: self._model(self.model, n),
+            "pydantic-ai agent": lambda n: self._agent(self.agent, n),
             "httpx": self._httpx,
-            "openai": self._openai,
-            "pydantic-ai model": self._model,
-            "pydantic-ai agent": self._agent,
+            "openai SDK": self._openai,
+            "pydantic-ai model (SDK)": lambda n: self._model(self.sdk_model, n),
+            "pydantic-ai agent (SDK)": lambda n: self._agent(self.sdk_agent, n),
         }
         if layer in plain:
             return plain[layer], _nothing
@@ -141,6 +170,14 @@ class _Layers:
 
     def _text(self, n: int) -> str:
         return f"Say {_key(n)}."
+
+    async def _aiohttp(self, n: int) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        body = {"model": "bench", "stream": True, "messages": _openai_messages(self.past, self._text(n))}
+        async with self.session.post(f"{self.base_url}/chat/completions", json=body) as response:
+            async for _ in response.content.iter_any():
+                pass
 
     async def _httpx(self, n: int) -> None:
         body = {"model": "bench", "stream": True, "messages": _openai_messages(self.past, self._text(n))}
@@ -162,16 +199,16 @@ class _Layers:
     def _conversation(self, n: int) -> list[ModelMessage]:
         return [*self.past, ModelRequest(parts=[UserPromptPart(self._text(n))])]
 
-    async def _model(self, n: int) -> None:
-        async with model_request_stream(self.model, self._conversation(n)) as stream:
+    async def _model(self, model: Model, n: int) -> None:
+        async with model_request_stream(model, self._conversation(n)) as stream:
             async for _ in stream:
                 pass
 
-    async def _agent(self, n: int) -> None:
+    async def _agent(self, agent: Agent[CallContext, str], n: int) -> None:
         conversation = Conversation(messages=self._conversation(n), conversation_id="bench")
-        async with self.agent.iter(conversation=conversation, deps=CallContext(conversation_id="bench")) as run:
+        async with agent.iter(conversation=conversation, deps=CallContext(conversation_id="bench")) as run:
             async for node in run:
-                if self.agent.is_model_request_node(node) or self.agent.is_call_tools_node(node):
+                if agent.is_model_request_node(node) or agent.is_call_tools_node(node):
                     async with node.stream(run.ctx) as stream:
                         async for _ in stream:
                             pass
@@ -179,7 +216,7 @@ class _Layers:
     def _turns(self, store_url: str) -> tuple[Reply, Callable[[Sequence[int]], Awaitable[None]]]:
         store = open_store(store_url)
         self.stores.append(store)
-        runner = TurnRunner(agent=self.agent, store=store)
+        runner = TurnRunner(agent=self.agent, store=store, model=self.model)
         prefix = f"bench_{time.monotonic_ns()}"
 
         async def prepare(numbers: Sequence[int]) -> None:
@@ -244,13 +281,13 @@ def _table(title: str, figures: list[Figure], histories: Sequence[int]) -> tuple
     """The figures as a rich table and as markdown: one row per layer, CPU per reply (and what the layer adds)."""
     headers = ["layer"] + [f"history {history}: CPU/reply (+ added)" for history in histories]
     rows: list[list[str]] = []
-    for index, layer in enumerate(LAYERS):
+    for layer in LAYERS:
         cells = [layer]
         for history in histories:
             by_layer = {figure.layer: figure for figure in figures if figure.history == history}
             figure = by_layer[layer]
-            # A turn adds to the agent run, whatever its store; each store row is compared with the agent's.
-            above = by_layer[LAYERS[min(index - 1, LAYERS.index("pydantic-ai agent"))]] if index else None
+            base = LAYERS[layer]
+            above = by_layer[base] if base is not None else None
             added = f" ({figure.cpu_ms - above.cpu_ms:+.2f})" if above is not None else ""
             cells.append(f"{figure.cpu_ms:.2f}{added}")
         rows.append(cells)

@@ -21,6 +21,7 @@ from bench._procs import FakeLLMProcess, FloorProcess
 from bench._tables import goal_misses, markdown_table
 from bench.fake_llm import KEY_PATTERN, reply_text, reply_tokens
 from bench.floor import verified
+from bench.layers import LAYERS
 from bench.load import Conversation, TurnSample
 from layercode_agent.conversations import ConversationDetail, TurnView
 from layercode_agent.protocol import SIGNATURE_HEADER, sign
@@ -269,7 +270,8 @@ def test_layers_bench_reports_every_layer_at_every_history(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout + result.stderr
 
     document = json.loads(figures.read_text())
-    layers = ["httpx", "openai", "pydantic-ai model", "pydantic-ai agent", "turn (memory)", "turn (sqlite)"]
+    layers = list(LAYERS)
+    assert layers[:3] == ["aiohttp", "lean model", "pydantic-ai agent"]
     assert [figure["layer"] for figure in document["streaming"]] == layers
     assert {figure["history"] for figure in document["streaming"]} == {1}
     assert [(figure["layer"], figure["history"]) for figure in document["requests"]] == [
