@@ -6,8 +6,9 @@ stops the tool filler, a tool's own sub-agent is never spoken, a hang-up stores 
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from pydantic_ai.models import override_allow_model_requests
 
 from layercode_agent.agent import TOOL_FILLER, build_agent
 from layercode_agent.agent.chat_completions import ChatCompletionsModel, EarlyRequest
+from layercode_agent.protocol import MessageEvent, OutboundEvent
 from layercode_agent.stores import MemoryStore
 from layercode_agent.turns import TurnRunner
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -118,3 +120,115 @@ async def test_a_turns_request_leaves_before_the_agent_asks_and_is_the_agents_ow
         "question 2",
     ]
     assert lean._early_misses == 0  # pyright: ignore[reportPrivateUsage]
+
+
+def _answer(runner: TurnRunner, event: MessageEvent) -> Coroutine[Any, Any, list[OutboundEvent]]:
+    """What the webhook route does with a verified `message`: the early guess first, then the turn."""
+
+    async def answer() -> list[OutboundEvent]:
+        early = await runner.guess_early(event, await runner.check_delivery(event, "digest"))
+        return await collect(runner.stream_message(event, early=early))
+
+    return answer()
+
+
+def _runner(store: MemoryStore, lean: ChatCompletionsModel) -> TurnRunner:
+    return TurnRunner(agent=build_agent(tools=False), model=lean, store=store, poll_interval=0.02)
+
+
+async def _after_a_turn(store: MemoryStore, lean: ChatCompletionsModel, text: str) -> TurnRunner:
+    """A runner that has answered one turn of the conversation (`text`), its close written."""
+    runner = _runner(store, lean)
+    await _answer(runner, message(text, "t1"))
+    await settled(runner)
+    return runner
+
+
+def _users(received: Any) -> list[str]:
+    """What the caller said, in the order a request to the LLM carries it."""
+    return [m["content"] for m in received.messages if m["role"] == "user"]
+
+
+class _GatedStore(MemoryStore):
+    """A memory store whose log rewrites wait while `gate` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def rewrite(self, conversation_id: str, plan: Any, *, attempts: int = 12) -> Any:
+        await self.gate.wait()
+        return await super().rewrite(conversation_id, plan, attempts=attempts)
+
+
+async def test_a_later_turns_request_leaves_before_its_record_is_begun(
+    fake_llm: FakeOpenAI, lean: ChatCompletionsModel
+) -> None:
+    store = _GatedStore()
+    runner = await _after_a_turn(store, lean, "first")
+
+    store.gate.clear()  # The second turn's begin waits for the store...
+    second = asyncio.create_task(_answer(runner, message("second", "t2")))
+    for _ in range(500):
+        if len(fake_llm.received) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(fake_llm.received) == 2  # ...and its request has reached the LLM meanwhile.
+    assert _users(fake_llm.received[1]) == ["first", "second"]
+    store.gate.set()
+    assert spoken(await second) == "Hello there, how can I help?"
+    await settled(runner)
+    assert len(fake_llm.received) == 2 and fake_llm.received[1].completed  # The agent's own request took it.
+    assert lean._early_misses == 0  # pyright: ignore[reportPrivateUsage]
+    assert [m.metadata["role"] for m in await history(store) if m.metadata] == ["user", "assistant"] * 2
+
+
+async def test_no_request_is_guessed_on_a_log_another_worker_changed_since(
+    fake_llm: FakeOpenAI, lean: ChatCompletionsModel
+) -> None:
+    store = MemoryStore()
+    here, there = await _after_a_turn(store, lean, "one"), _runner(store, lean)
+    await _answer(there, message("two", "t2"))  # The log moves on without this worker.
+    await settled(there)
+    third = message("three", "t3")
+    assert await here.guess_early(third, await here.check_delivery(third, "digest")) is None
+    events = await _answer(here, third)
+    await settled(here)
+
+    assert spoken(events) == "Hello there, how can I help?"
+    # One request per turn: the third, made after its begin read the log, knows the second.
+    assert len(fake_llm.received) == 3 and all(received.completed for received in fake_llm.received)
+    assert _users(fake_llm.received[2]) == ["one", "two", "three"]
+    assert lean._early_misses == 0  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_a_guess_the_agent_does_not_make_is_closed_unheard(
+    fake_llm: FakeOpenAI, lean: ChatCompletionsModel
+) -> None:
+    store = MemoryStore()
+    runner = await _after_a_turn(store, lean, "one")
+    runner.agent = build_agent(tools=False, system_prompt="Answer in French.")  # Its next request is not the guess.
+    # The guess would stream for seconds: it is closed as soon as the agent's own request differs.
+    fake_llm.script(Reply(tokens=[" guessed"] * 200, token_delay=0.02), Reply(tokens=["Bien", "."]))
+    events = await _answer(runner, message("two", "t2"))
+    await settled(runner)
+
+    assert spoken(events) == "Bien."
+    guessed, asked = fake_llm.received[1], fake_llm.received[2]
+    assert _users(guessed) == ["one", "two"]
+    assert await asyncio.to_thread(guessed.hung_up.wait, 10)
+    assert not guessed.completed and guessed.tokens_sent < 200
+    assert asked.completed and asked.messages[0]["content"] == "Answer in French."
+    assert lean._early_misses == 1  # pyright: ignore[reportPrivateUsage]
+    replies = [m for m in await history(store) if isinstance(m, ModelResponse)]
+    assert replies[-1].parts == [TextPart(content="Bien.")]  # What was heard is what is stored.
+
+
+async def test_no_request_is_guessed_for_a_message_that_barges_in(
+    fake_llm: FakeOpenAI, lean: ChatCompletionsModel
+) -> None:
+    store = MemoryStore()
+    runner = await _after_a_turn(store, lean, "one")
+    barging = message("two", "t2", interruption_context={"previous_turn_interrupted": True, "words_heard": 2})
+    assert await runner.guess_early(barging, await runner.check_delivery(barging, "digest")) is None

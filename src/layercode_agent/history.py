@@ -312,14 +312,28 @@ class History:
         Raises:
             StoreError: If the store fails, or other writers kept winning for every attempt.
         """
+        result, _ = await self.change_written(conversation_id, decide, operation=operation)
+        return result
+
+    async def change_written(
+        self,
+        conversation_id: str,
+        decide: Callable[[list[ModelMessage], ConversationRecord | None], Change[_T]],
+        *,
+        operation: str = "change",
+    ) -> tuple[_T, LogWrite | None]:
+        """`change`, and what it wrote (`None`: nothing), its record's revision included."""
         started = time.perf_counter()
+        landed: list[LogWrite | None] = [None]
 
         def plan(record: ConversationRecord | None, history: list[ConversationEntry]) -> tuple[_T, LogWrite | None]:
             change = decide([entry.message for entry in history], record)
-            return change.result, None if change.keep is None else written(conversation_id, record, history, change)
+            # The store writes what the last plan it made said: each plan replaces the one before.
+            landed[0] = None if change.keep is None else written(conversation_id, record, history, change)
+            return change.result, landed[0]
 
         try:
-            return await self.store.rewrite(conversation_id, plan, attempts=self.attempts)
+            return await self.store.rewrite(conversation_id, plan, attempts=self.attempts), landed[0]
         finally:
             if self._observe is not None:
                 self._observe(operation, time.perf_counter() - started)

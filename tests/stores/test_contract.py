@@ -28,6 +28,7 @@ from layercode_agent.protocol import DEFAULT_TOLERANCE
 from layercode_agent.stores import (
     TOMBSTONE_TTL,
     AgentStore,
+    DeliveryCheck,
     LogPlan,
     LogWrite,
     MemoryStore,
@@ -693,3 +694,23 @@ async def test_the_in_process_store_sweeps_out_allowances_that_are_full_again(mo
 
     assert len(store._allowances) == 100
     assert await store.take_allowance("later-0", count=1, period=60) > 0  # Live allowances are kept.
+
+
+async def test_a_delivery_check_gives_the_records_revision_as_it_is_now(store: AgentStore) -> None:
+    assert await store.delivery_check("c1", ["turn-1"]) == DeliveryCheck(deleted=False, revision=None)
+    await store.save(Conversation(conversation_id="c1", messages=delivered("turn-1", "digest-1", "Hi.")))
+    first = await store.read_record("c1")
+    assert first is not None
+    assert await store.delivery_check("c1", ["turn-1"]) == DeliveryCheck(deleted=False, revision=first.revision)
+
+    loaded = await store.load("c1")
+    assert loaded is not None
+    loaded.messages.extend(delivered("turn-2", "digest-2", "Again."))
+    await store.save(loaded)
+    second = await store.read_record("c1")
+    assert second is not None and second.revision != first.revision
+    assert (await store.delivery_check("c1", [])).revision == second.revision
+
+    await store.delete("c1")
+    assert await store.delivery_check("c1", ["digest-2"]) == DeliveryCheck(deleted=True, revision=None)
+    assert await store.delivery_check("c1", ["turn-3"]) == DeliveryCheck(deleted=False, revision=None)

@@ -9,7 +9,7 @@ from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.models import Model
 
 from ..utils import import_string
-from .chat_completions import DIRECT_TEXT, EARLY_REQUEST, ChatCompletionsModel
+from .chat_completions import DIRECT_TEXT, EARLY_REQUEST, ChatCompletionsModel, EarlyRequest
 from .cleaning import VoiceTextCleaner, clean_text
 from .deps import CallContext
 from .models import ModelChoice, ModelKeys, resolve_model
@@ -35,6 +35,7 @@ __all__ = [
     "AgentLoadError",
     "CallContext",
     "ChatCompletionsModel",
+    "EarlyRequest",
     "ModelChoice",
     "ModelKeys",
     "VoiceTextCleaner",

@@ -8,7 +8,16 @@ the app only sees an `AgentStore`.
 from __future__ import annotations
 
 from ..redact import redact_url
-from .base import TOMBSTONE_TTL, AgentStore, LogPlan, LogWrite, SessionEventRecord, StoreError, StoreUnavailableError
+from .base import (
+    TOMBSTONE_TTL,
+    AgentStore,
+    DeliveryCheck,
+    LogPlan,
+    LogWrite,
+    SessionEventRecord,
+    StoreError,
+    StoreUnavailableError,
+)
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import DEFAULT_TIMEOUT, SQLiteStore
@@ -16,6 +25,7 @@ from .sqlite import DEFAULT_TIMEOUT, SQLiteStore
 __all__ = [
     "TOMBSTONE_TTL",
     "AgentStore",
+    "DeliveryCheck",
     "LogPlan",
     "LogWrite",
     "MemoryStore",

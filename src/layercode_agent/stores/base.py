@@ -48,6 +48,7 @@ from pydantic_ai.conversation_store import (
 __all__ = [
     "TOMBSTONE_TTL",
     "AgentStore",
+    "DeliveryCheck",
     "LogPlan",
     "LogWrite",
     "SessionEventRecord",
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_TombstoneAndRevision = tuple[str | None, str | None]
 
 TOMBSTONE_TTL: Final = 600.0
 """Seconds a deleted conversation's delivery names are kept: twice the webhook signature tolerance.
@@ -202,8 +204,21 @@ class AgentStore(ConversationStore, ABC):
         `names` are what a webhook is known by: a message's `turn_id` or `delivery` (the body's digest),
         or the name of a marker such as `data:<digest>`.
         """
-        (tombstone,) = await self.get_markers([_tombstone_key(conversation_id)])
-        return tombstone is not None and not set(json.loads(tombstone)).isdisjoint(names)
+        return (await self.delivery_check(conversation_id, names)).deleted
+
+    async def delivery_check(self, conversation_id: str, names: Iterable[str]) -> DeliveryCheck:
+        """`deleted_with`, and the revision of the conversation's record as it is now, in one round trip."""
+        tombstone, revision = await self._tombstone_and_revision(conversation_id, _tombstone_key(conversation_id))
+        deleted = tombstone is not None and not set(json.loads(tombstone)).isdisjoint(names)
+        return DeliveryCheck(deleted=deleted, revision=revision)
+
+    async def _tombstone_and_revision(
+        self, conversation_id: str, key: tuple[str, str]
+    ) -> tuple[str | None, str | None]:
+        """The live marker at `key` and the record's revision (`None`: no record); a backend may do both at once."""
+        (tombstone,) = await self.get_markers([key])
+        record = await self.read_record(conversation_id)
+        return tombstone, record.revision if record is not None else None
 
     async def _leave_tombstone(self, conversation_id: str, *, scope: str | None) -> None:
         """Remember the names of the conversation's deliveries, before it is deleted (see `TOMBSTONE_TTL`).
@@ -373,6 +388,16 @@ class AgentStore(ConversationStore, ABC):
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryCheck:
+    """What the store says of a webhook before anything is done with it (`AgentStore.delivery_check`)."""
+
+    deleted: bool
+    """It repeats a delivery of a conversation deleted since: it must be answered without acting."""
+    revision: str | None
+    """The conversation record's revision now, `None` if there is none: whether a log known from before still is."""
 
 
 def kept_changing(conversation_id: str, attempts: int) -> StoreError:

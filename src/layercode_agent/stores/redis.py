@@ -381,6 +381,17 @@ class RedisStore(AgentStore):
             current = await self._set_marker(keys=keys, args=args)
         return cast(str | None, current)
 
+    async def _tombstone_and_revision(
+        self, conversation_id: str, key: tuple[str, str]
+    ) -> tuple[str | None, str | None]:
+        """The live marker at `key` and the record's revision, in one round trip (a pipeline of GET and HGET)."""
+        with self._translate_errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(self._marker_key(*key))
+                pipe.hget(self._conversation_key(conversation_id, "record"), "revision")
+                tombstone, revision = await pipe.execute()
+        return cast(str | None, tombstone), cast(str | None, revision)
+
     async def get_markers(self, keys: Sequence[tuple[str, str]]) -> list[str | None]:
         """The live values at `keys`, `None` where there is none, with one MGET."""
         if not keys:

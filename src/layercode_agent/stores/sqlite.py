@@ -448,6 +448,12 @@ class SQLiteStore(AgentStore):
             )
         )
 
+    async def _tombstone_and_revision(
+        self, conversation_id: str, key: tuple[str, str]
+    ) -> tuple[str | None, str | None]:
+        """The live marker at `key` and the record's revision, in one call on the store's thread."""
+        return await self._run(partial(_tombstone_and_revision, conversation_id=conversation_id, key=key))
+
     async def get_markers(self, keys: Sequence[tuple[str, str]]) -> list[str | None]:
         """The live values at `keys`, `None` where there is none, in one query."""
         if not keys:
@@ -965,6 +971,12 @@ def _set_marker(
             (*key, value, now + ttl),
         )
     return None
+
+
+def _tombstone_and_revision(
+    connection: sqlite3.Connection, *, conversation_id: str, key: tuple[str, str]
+) -> tuple[str | None, str | None]:
+    return _get_markers(connection, keys=[key]).get(key), _stored_revision(connection, conversation_id)
 
 
 def _get_markers(connection: sqlite3.Connection, *, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:

@@ -26,12 +26,15 @@ from ..protocol import (
     SessionUpdateEvent,
     TTSResponse,
 )
-from ..stores import AgentStore, StoreError
+from ..stores import AgentStore, DeliveryCheck, StoreError
 from .workers import DELIVERY_TTL, RECORDED, Workers
 
 __all__ = ["DataHandler", "SessionHandlers", "default_data_handler", "welcome_turn_id"]
 
 logger = logging.getLogger("layercode_agent.turns")
+
+_UNKNOWN = DeliveryCheck(deleted=False, revision=None)
+"""What a webhook the store cannot check (or that has no delivery names) is taken to be."""
 
 DataHandler = Callable[[DataEvent], Awaitable[Any]]
 """Answers a `data` webhook; its return value becomes the `content` of the `response.data` reply."""
@@ -153,11 +156,12 @@ class SessionHandlers:
         await self.store.set_marker(*key, RECORDED, ttl=DELIVERY_TTL)
         return not stored
 
-    async def repeats_deleted(self, event: InboundEvent, delivery: str) -> bool:
-        """Whether the webhook repeats a delivery of a conversation deleted since (`AgentStore.deleted_with`).
+    async def check_delivery(self, event: InboundEvent, delivery: str) -> DeliveryCheck:
+        """Whether the webhook repeats a delivery of a conversation deleted since, and its record's revision now.
 
-        Such a replay must be answered without acting: acting would reopen the conversation. A store that
-        cannot tell is taken to say no; the webhook then meets the same store failure where it is handled.
+        A replay of a deleted conversation must be answered without acting: acting would reopen it
+        (`AgentStore.delivery_check`). A store that cannot tell is taken to say no (and no revision); the
+        webhook then meets the same store failure where it is handled.
         """
         if isinstance(event, MessageEvent):
             names = [delivery, event.turn_id or delivery]
@@ -168,9 +172,9 @@ class SessionHandlers:
         elif isinstance(event, SessionEndEvent | SessionUpdateEvent):
             names = [f"event:{delivery}"]
         else:
-            return False
+            return _UNKNOWN
         try:
-            return await self.store.deleted_with(event.conversation_key, names)
+            return await self.store.delivery_check(event.conversation_key, names)
         except StoreError as exc:
             logger.warning("could not check whether conversation %s was deleted: %s", event.conversation_key, exc)
-            return False
+            return _UNKNOWN

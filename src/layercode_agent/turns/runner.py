@@ -49,6 +49,7 @@ from ..agent import (
     TOOL_FILLER,
     CallContext,
     ChatCompletionsModel,
+    EarlyRequest,
     clean_text,
 )
 from ..history import (
@@ -85,7 +86,7 @@ from ..protocol import (
     SessionUpdateEvent,
     TTSResponse,
 )
-from ..stores import AgentStore, StoreError
+from ..stores import AgentStore, DeliveryCheck, StoreError
 from .adapter import ReplyAdapter
 from .handlers import DataHandler, SessionHandlers, default_data_handler
 from .state import Phase, Turn
@@ -101,6 +102,8 @@ _CLOSE_RETRY_MAX = 1.0
 """Seconds between tries to store a reply the store failed to take: doubling from the first to the most."""
 _UNCLOSED_LIMIT = 1000
 """Replies the store did not take that a worker keeps for their conversations' next turns, at most."""
+_KNOWN_LIMIT = 1000
+"""Conversations whose log, as this worker's last close left it, a worker keeps for the next turn's early request."""
 
 
 class TurnRunner:
@@ -178,6 +181,8 @@ class TurnRunner:
         self._active: dict[str, Turn] = {}
         self._unclosed: dict[str, Unclosed] = {}
         """Per conversation, the reply of this worker the store did not take (at most one: the newest turn's)."""
+        self._known: dict[str, tuple[str, list[ModelMessage]]] = {}
+        """Per conversation, its log as this worker's last close of it left it, and the revision that wrote it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.workers = Workers(
             store, owner=self.owner, poll_interval=poll_interval, active=self._active, spawn=self._spawn
@@ -220,9 +225,9 @@ class TurnRunner:
         """
         return await self.sessions.record_session_event(event, delivery=delivery)
 
-    async def repeats_deleted(self, event: InboundEvent, delivery: str) -> bool:
-        """Whether the webhook repeats a delivery of a conversation deleted since (`AgentStore.deleted_with`)."""
-        return await self.sessions.repeats_deleted(event, delivery)
+    async def check_delivery(self, event: InboundEvent, delivery: str) -> DeliveryCheck:
+        """Whether the webhook repeats a delivery of a conversation deleted since, and its record's revision now."""
+        return await self.sessions.check_delivery(event, delivery)
 
     async def _store_welcome(self, conversation_id: str, turn_id: str, welcome: ModelResponse) -> None:
         await self._begin(self._turn(conversation_id, turn_id), None, [welcome], None)
@@ -230,7 +235,12 @@ class TurnRunner:
     # ------------------------------------------------------------------ message
 
     def stream_message(
-        self, event: MessageEvent, *, delivery: str | None = None, timing: TurnTiming | None = None
+        self,
+        event: MessageEvent,
+        *,
+        delivery: str | None = None,
+        timing: TurnTiming | None = None,
+        early: EarlyRequest | None = None,
     ) -> AsyncGenerator[OutboundEvent]:
         """Answer a `message`: the reply's events as they come, ending with one `response.end`.
 
@@ -238,16 +248,43 @@ class TurnRunner:
             event: The webhook.
             delivery: A digest of the signed body, to recognise the same delivery without a `turn_id`.
             timing: Started when the webhook arrived (with `signature_verified` marked), if the caller has one.
+            early: What `guess_early` sent for this webhook; the turn takes it over (and closes it if unused).
         """
         turn_id = event.turn_id or delivery or f"local-{secrets.token_hex(8)}"
         turn = self._turn(event.conversation_key, turn_id, timing)
-        turn.task = self._spawn(self._run_turn(turn, event, delivery))
+        turn.task = self._spawn(self._run_turn(turn, event, delivery, early))
         return turn.events()
+
+    async def guess_early(self, event: MessageEvent, check: DeliveryCheck) -> EarlyRequest | None:
+        """Send now the request a `message`'s turn will most likely make first (`ChatCompletionsModel.open_early`).
+
+        For a webhook verified and checked (`check_delivery`), before its turn is begun in the store: the
+        turn takes it over (`stream_message(early=...)`) or it is closed (`EarlyRequest.discard()`). The
+        history it goes by is the conversation's log as this worker's last close of it left it, plus the
+        caller's words: what beginning the turn reads back in the common case. So only when the record's
+        revision is still the one that close wrote (no other worker, delete or repair came in between),
+        no turn of the conversation is still streaming here (a barge-in: its close changes the log), and
+        the message carries no interruption context (the begin would change what the caller heard). The
+        agent's request takes it only if it is byte for byte its own; otherwise it is closed at once.
+        """
+        model = self.model
+        if (
+            not isinstance(model, ChatCompletionsModel)
+            or event.interruption_context is not None
+            or event.conversation_key in self._active
+            or (known := self._known.get(event.conversation_key)) is None
+            or known[0] != check.revision
+        ):
+            return None
+        said = ModelRequest(parts=[UserPromptPart(event.text)])
+        return await model.open_early(llm_messages([*known[1], said], self.interrupted_mark))
 
     def _turn(self, conversation_id: str, turn_id: str, timing: TurnTiming | None = None) -> Turn:
         return Turn(conversation_id, turn_id, timing, observer=self.observer, report=self.report)
 
-    async def _run_turn(self, turn: Turn, event: MessageEvent, delivery: str | None) -> None:
+    async def _run_turn(
+        self, turn: Turn, event: MessageEvent, delivery: str | None, early: EarlyRequest | None
+    ) -> None:
         put = turn.queue.put_nowait
         timing = turn.timing
         try:
@@ -281,18 +318,28 @@ class TurnRunner:
                 if text:
                     put(TTSResponse(content=text, turn_id=turn.turn_id))
                 return
-            closing, usage = await self._answer(turn, began, event)
-            await self._store_reply(turn, closing, usage)
+            closing, usage = await self._answer(turn, began, event, early)
+            if (revision := await self._store_reply(turn, closing, usage)) is not None:
+                self._remember(turn.conversation_id, revision, [*began.messages[:-1], *closing])
         except Exception:
             logger.exception("turn %s of conversation %s failed", turn.turn_id, turn.conversation_id)
             turn.outcome = FAILED
             put(TTSResponse(content=self.apology, turn_id=turn.turn_id))
         finally:
+            if early is not None:
+                early.discard()  # Unless the run took it: a duplicate, a failed begin, a stop before the model.
             turn.queue.put_nowait(None)
             turn.enter(Phase.FINISHED)
             if self._active.get(turn.conversation_id) is turn:
                 del self._active[turn.conversation_id]
             turn.maybe_report()
+
+    def _remember(self, conversation_id: str, revision: str, log: list[ModelMessage]) -> None:
+        """Keep the log a close of this worker wrote, for the conversation's next turn (a bounded number of them)."""
+        self._known.pop(conversation_id, None)
+        self._known[conversation_id] = (revision, log)
+        if len(self._known) > _KNOWN_LIMIT:
+            del self._known[next(iter(self._known))]
 
     def report(self, turn: Turn) -> None:
         """The per-turn log line, and the observer's report."""
@@ -317,9 +364,12 @@ class TurnRunner:
             logger.exception("the turn observer failed")
 
     async def _answer(
-        self, turn: Turn, began: Started, event: MessageEvent
+        self, turn: Turn, began: Started, event: MessageEvent, early: EarlyRequest | None = None
     ) -> tuple[list[ModelMessage], RunUsage | None]:
-        """Stream the agent's reply into the turn's queue; returns the messages that close the turn."""
+        """Stream the agent's reply into the turn's queue; returns the messages that close the turn.
+
+        `early` is the request `guess_early` sent before the turn began, if it did.
+        """
         put = turn.queue.put_nowait
         turn_id = turn.turn_id
         produced: list[str] = []
@@ -356,9 +406,11 @@ class TurnRunner:
             if self.filler_after_ms is not None and self.slow_filler
             else None
         )
-        # The request the agent's first one will most likely be goes out now, while the agent sets its run up.
+        # The request the agent's first one will most likely be goes out now (unless it went out before the turn
+        # began), while the agent sets its run up.
         model = self.model
-        early = await model.open_early(conversation.messages) if isinstance(model, ChatCompletionsModel) else None
+        if early is None and isinstance(model, ChatCompletionsModel):
+            early = await model.open_early(conversation.messages)
         early_token = EARLY_REQUEST.set(early)
         try:
             # Closed here, in this task: the run's context managers must exit in the context they entered.
@@ -569,8 +621,11 @@ class TurnRunner:
                 turn.turn_id,
             )
 
-    async def _store_reply(self, turn: Turn, closing: list[ModelMessage], usage: RunUsage | None) -> None:
+    async def _store_reply(self, turn: Turn, closing: list[ModelMessage], usage: RunUsage | None) -> str | None:
         """Close the turn in the store, trying again with backoff for up to `close_retry_for` while it fails.
+
+        Returns the revision of the record the close wrote, if this turn's first try stored it (`None` for
+        a reply stored later, or by the next turn, or not at all: the log may no longer end with it).
 
         After the first failure the caller's stream ends at once (everything was sent), and the reply
         is kept in memory: a repeated delivery is answered from it, and the conversation's next turn
@@ -582,10 +637,11 @@ class TurnRunner:
         kept: Unclosed | None = None
         pause = _CLOSE_RETRY_FIRST
         attempt = 0
+        revision: str | None = None
         while True:
             attempt += 1
             try:
-                closed = await self._close(turn, closing, usage)
+                closed, revision = await self._close(turn, closing, usage)
                 break
             except StoreError as exc:
                 if kept is None:
@@ -609,7 +665,7 @@ class TurnRunner:
                         attempt,
                         exc,
                     )
-                    return
+                    return None
                 await asyncio.sleep(wait)
                 pause = min(pause * 2, _CLOSE_RETRY_MAX)
                 if self._unclosed.get(conversation_id) is not kept:
@@ -624,7 +680,8 @@ class TurnRunner:
                 logger.info(
                     "stored the reply of turn %s (conversation %s) at try %d", turn.turn_id, conversation_id, attempt
                 )
-        elif kept is not None and not still_kept:
+            return revision if kept is None else None
+        if kept is not None and not still_kept:
             logger.info(
                 "the reply of turn %s (conversation %s) was stored by the next turn", turn.turn_id, conversation_id
             )
@@ -634,6 +691,7 @@ class TurnRunner:
                 turn.turn_id,
                 conversation_id,
             )
+        return None
 
     def _keep_unclosed(self, conversation_id: str, kept: Unclosed) -> None:
         """Remember a reply the store did not take, for the conversation's next turn (a bounded number of them)."""
@@ -646,13 +704,17 @@ class TurnRunner:
             )
             del self._unclosed[oldest]
 
-    async def _close(self, turn: Turn, closing: list[ModelMessage], usage: RunUsage | None) -> bool:
-        """Replace the turn's placeholder with `closing` (see `history.decide_close`); False if another worker did."""
+    async def _close(self, turn: Turn, closing: list[ModelMessage], usage: RunUsage | None) -> tuple[bool, str | None]:
+        """Replace the turn's placeholder with `closing` (see `history.decide_close`); False if another worker did.
+
+        With it, the revision of the record it wrote.
+        """
 
         def decide(messages: list[ModelMessage], record: ConversationRecord | None) -> Change[bool]:
             return decide_close(messages, record, turn_id=turn.turn_id, owner=self.owner, closing=closing, usage=usage)
 
-        return await self.history.change(turn.conversation_id, decide, operation="close")
+        closed, write = await self.history.change_written(turn.conversation_id, decide, operation="close")
+        return closed, write.record.revision if write is not None else None
 
     async def _stored_reply(self, conversation_id: str, turn_id: str) -> str:
         """The reply stored for a turn, once it is no longer streaming (a repeated delivery waits for it)."""

@@ -281,18 +281,27 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     # same digest: the runner answers it from the first delivery instead of acting again.
     delivery = hashlib.sha256(body).hexdigest()
     runner = runtime.runner
-    if await runner.repeats_deleted(event, delivery):
+    check = await runner.check_delivery(event, delivery)
+    if check.deleted:
         return _replay_of_deleted(event)
-    if isinstance(event, MessageEvent | SessionStartEvent):
-        # Streams are counted by the turn they answer, named as the runner names it: a repeat has the same name.
-        slot = _too_many_streams(runtime, event.conversation_key, event.turn_id or delivery)
-        if not isinstance(slot, StreamSlot):
-            return slot
-        if isinstance(event, MessageEvent):
-            events = runner.stream_message(event, delivery=delivery, timing=timing)
-        else:
-            events = runner.stream_session_start(event)
-        return _counted_stream(events, runtime, slot)
+    # A message's likely first LLM request leaves now, before the turn is begun in the store (the turn takes it,
+    # or it is closed unanswered): the caller's wait for the model starts as soon as the webhook is known good.
+    early = await runner.guess_early(event, check) if isinstance(event, MessageEvent) else None
+    try:
+        if isinstance(event, MessageEvent | SessionStartEvent):
+            # Streams are counted by the turn they answer, named as the runner names it: a repeat has the same name.
+            slot = _too_many_streams(runtime, event.conversation_key, event.turn_id or delivery)
+            if not isinstance(slot, StreamSlot):
+                return slot
+            if isinstance(event, MessageEvent):
+                events = runner.stream_message(event, delivery=delivery, timing=timing, early=early)
+                early = None  # The turn's now.
+            else:
+                events = runner.stream_session_start(event)
+            return _counted_stream(events, runtime, slot)
+    finally:
+        if early is not None:
+            early.discard()
     try:
         if isinstance(event, DataEvent):
             reply = await runner.handle_data(event, delivery=delivery)
