@@ -111,6 +111,8 @@ from pydantic_ai.tools import RunContext, ToolDefinition
 from pydantic_ai.usage import RequestUsage
 from yarl import URL
 
+from ._prices import remember_unpriced_models
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "DIRECT_TEXT",
@@ -226,6 +228,7 @@ class ChatCompletionsModel(Model):
         """How the last turn's first request was made, but for its messages (see `open_early`)."""
         self._early_misses = 0
         super().__init__(settings=settings, profile=profile)
+        remember_unpriced_models()
 
     def __repr__(self) -> str:
         return f"ChatCompletionsModel({self._model_name!r}, base_url={self._base_url!r})"
