@@ -51,7 +51,7 @@ check: lint typecheck ## Lint + typecheck
 tunnel: install ## Expose the local server to Layercode's cloud (npx @layercode/cli tunnel; needs LAYERCODE_AGENT_ID)
 	$(UV) run --no-sync layercode-agent tunnel $(TUNNEL_ARGS)
 
-# The full latency bench of BENCHMARKS.md beside the framework-free floor (about 12 minutes on 2 cores); figures go
+# The full latency bench of BENCHMARKS.md beside the framework-free floor (about 15 minutes on 2 cores); figures go
 # to test-artifacts/, the chart to test-artifacts/ and docs/bench.svg (BENCH_ARGS="--levels 1,10" for a quick look).
 bench: install ## Latency bench beside the floor: memory/SQLite/Redis at 1-100 conversations, --workers 2, chart
 	@command -v redis-server >/dev/null 2>&1 || { echo "make bench needs redis-server: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis"; exit 1; }

@@ -22,7 +22,17 @@ from typing import Any
 
 from .load import Conversation
 
-__all__ = ["FLOOR_RATIOS", "LevelResult", "RunFigures", "Suite", "floor_ratios", "percentile", "run_figures"]
+__all__ = [
+    "FLOOR_RATIOS",
+    "HistoryGrowth",
+    "LevelResult",
+    "RunFigures",
+    "Suite",
+    "floor_ratios",
+    "history_growth",
+    "percentile",
+    "run_figures",
+]
 
 FLOOR_RATIOS = ("overhead_p50", "overhead_p99", "to_llm_p50", "cpu_ms_per_turn", "turns_per_s")
 """The figures every table also shows as a ratio to the floor's (`bench.floor`, measured in the same bench)."""
@@ -95,6 +105,44 @@ class CPUWindow:
 
 def _ms(seconds: float) -> float:
     return seconds * 1000
+
+
+HISTORY_SPAN = 5
+"""Turns whose webhook → LLM request times make each end of `HistoryGrowth`."""
+
+
+@dataclass
+class HistoryGrowth:
+    """Webhook → LLM request through one long conversation: its first turns against its last ones."""
+
+    exchanges: int
+    """Earlier exchanges before the last turns: they have `exchanges` to `exchanges + HISTORY_SPAN - 1`."""
+    first_p50: float | None
+    """The median over the first `HISTORY_SPAN` turns (0 to 4 earlier exchanges)."""
+    last_p50: float | None
+    """The median over the last `HISTORY_SPAN` turns."""
+    to_llm: list[float | None]
+    """Every turn's webhook → LLM request, in order (`None`: no figure: an error, or no request seen)."""
+    errors: int
+
+    @property
+    def growth(self) -> float | None:
+        """How much longer the last turns wait for their request than the first ones."""
+        return None if self.first_p50 is None or self.last_p50 is None else self.last_p50 - self.first_p50
+
+
+def history_growth(
+    conversation: Conversation, llm_timings: dict[str, tuple[float, float | None]], exchanges: int
+) -> HistoryGrowth:
+    """The figures of one conversation of `exchanges + HISTORY_SPAN` turns (see `HistoryGrowth`)."""
+    to_llm: list[float | None] = []
+    for turn in conversation.turns:
+        received, _ = llm_timings.get(turn.key, (None, None))
+        to_llm.append(_ms(received - turn.sent) if received is not None and turn.error is None else None)
+    first = [value for value in to_llm[:HISTORY_SPAN] if value is not None]
+    last = [value for value in to_llm[exchanges : exchanges + HISTORY_SPAN] if value is not None]
+    errors = sum(1 for turn in conversation.turns if turn.error is not None)
+    return HistoryGrowth(exchanges, percentile(first, 50), percentile(last, 50), to_llm, errors)
 
 
 def run_figures(
@@ -232,6 +280,7 @@ class Suite:
     pinning: str
     levels: list[LevelResult] = field(default_factory=list[LevelResult])
     notes: list[str] = field(default_factory=list[str])
+    history: HistoryGrowth | None = None
 
     @property
     def is_floor(self) -> bool:
@@ -266,4 +315,5 @@ class Suite:
             "pinning": self.pinning,
             "notes": self.notes,
             "levels": levels,
+            "history": asdict(self.history) if self.history is not None else None,
         }

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._figures import Suite
 from ._procs import REPO
-from ._tables import LEGEND, markdown_scaling, markdown_table
+from ._tables import LEGEND, history_line, markdown_scaling, markdown_table
 
 __all__ = ["machine_info", "machine_line", "markdown_section", "settings_line"]
 
@@ -126,6 +126,8 @@ def markdown_section(
         parts += ["", f"![{alt}]({chart})"]
     for suite in [floor, *suites] if floor is not None else suites:
         parts += ["", f"### {suite.title}: {suite.pinning}", "", markdown_table(suite, floor)]
+        if suite.history is not None:
+            parts += ["", history_line(suite.history) + "."]
         parts += [f"\nNote: {note}" for note in suite.notes]
     if scaling is not None:
         baseline, scaled = scaling

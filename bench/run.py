@@ -31,7 +31,16 @@ import httpx
 from rich.console import Console
 
 from ._chart import chart_svg
-from ._figures import CPUWindow, LevelResult, RunFigures, Suite, run_figures
+from ._figures import (
+    HISTORY_SPAN,
+    CPUWindow,
+    HistoryGrowth,
+    LevelResult,
+    RunFigures,
+    Suite,
+    history_growth,
+    run_figures,
+)
 from ._history import check_history
 from ._procs import (
     REPO,
@@ -49,7 +58,7 @@ from ._procs import (
     run_async,
 )
 from ._report import machine_info, machine_line, markdown_section, settings_line
-from ._tables import LEGEND, rich_scaling, rich_table
+from ._tables import LEGEND, history_line, rich_scaling, rich_table
 from .load import ConnectionPool, LoadTarget, run_conversations
 
 __all__ = ["main"]
@@ -96,6 +105,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a reply's end and the next turn")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up conversations of 2 turns (default 10)")
+    parser.add_argument(
+        "--history-exchanges",
+        type=int,
+        default=40,
+        help="also time webhook -> LLM request through one conversation of this many exchanges and 5 more; 0: skip",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a turn may take (default 60)")
     parser.add_argument(
         "--retries", type=int, default=2, help="measure a run again when other processes used the CPU (default 2)"
@@ -120,8 +135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("turns", "runs", "workers", "tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.retries < 0:
-        parser.error("--retries must be 0 or more")
+    if args.retries < 0 or args.history_exchanges < 0:
+        parser.error("--retries and --history-exchanges must be 0 or more")
     if args.workers > 1 and "memory" in args.stores:
         parser.error("memory:// keeps history in one process: use --workers 1 with it, or --stores sqlite,redis")
     return args
@@ -219,8 +234,33 @@ async def _measure_suite(
                 for run in range(args.runs):
                     result.runs.append(await _measure_run(args, parties, pool, control, suite, level, run, console))
                 _note_level(suite, result)
+            if args.history_exchanges:
+                suite.history = await _measure_history(args, target, pool, control)
+                console.print(f"  {suite.title}: {history_line(suite.history)}", highlight=False)
         finally:
             pool.close()
+
+
+async def _measure_history(
+    args: argparse.Namespace, target: LoadTarget, pool: ConnectionPool, control: httpx.AsyncClient
+) -> HistoryGrowth:
+    """Webhook → LLM request through one conversation of `--history-exchanges` exchanges and `HISTORY_SPAN` more."""
+    await control.get("/stats", params={"reset": "1"})
+    (conversation,) = await run_conversations(
+        target,
+        concurrency=1,
+        turns=args.history_exchanges + HISTORY_SPAN,
+        tokens=args.tokens,
+        tag=f"history_{uuid.uuid4().hex[:6]}",
+        ramp=0.0,
+        think=args.think_ms / 1000,
+        pool=pool,
+    )
+    stats = (await control.get("/stats", params={"reset": "1"})).json()
+    timings: dict[str, tuple[float, float | None]] = {}
+    for key, received, first_token, *_ in stats["timings"]:
+        timings.setdefault(key, (received, first_token))
+    return history_growth(conversation, timings, args.history_exchanges)
 
 
 async def _measure_run(
@@ -326,6 +366,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "ramp_ms": _ramp_seconds(args) * 1000,
         "think_ms": args.think_ms,
         "warmup_conversations": args.warmup,
+        "history_exchanges": args.history_exchanges,
         "retries": args.retries,
         "scale_workers": args.scale_workers,
         "scale_levels": args.scale_levels,
@@ -362,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print()
     for suite in [floor, *suites] if floor is not None else suites:
         console.print(rich_table(suite, floor))
+        if suite.history is not None:
+            console.print(history_line(suite.history), highlight=False)
         for note in suite.notes:
             console.print(f"[dim]Note: {note}[/]", highlight=False)
     if scaling is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -216,6 +217,8 @@ def test_bench_at_ci_size_reports_every_figure_and_loses_nothing(tmp_path: Path)
         "2",
         "--scale-workers",
         "0",
+        "--history-exchanges",
+        "3",
         "--json",
         str(figures),
         "--markdown",
@@ -251,6 +254,11 @@ def test_bench_at_ci_size_reports_every_figure_and_loses_nothing(tmp_path: Path)
             assert median["cpu_ms_per_turn"] > 0
             assert median["rss_mib"] > 10
             assert median["load_core_pct"] > 0
+        history = suite["history"]
+        assert history["exchanges"] == 3 and len(history["to_llm"]) == 3 + 5 and history["errors"] == 0
+        assert all(value is not None and 0 < value < 10_000 for value in history["to_llm"])
+        assert history["first_p50"] == pytest.approx(statistics.median(history["to_llm"][:5]))
+        assert history["last_p50"] == pytest.approx(statistics.median(history["to_llm"][3:]))
 
     section = markdown.read_text()
     assert section.startswith("## Results\n")
@@ -258,6 +266,7 @@ def test_bench_at_ci_size_reports_every_figure_and_loses_nothing(tmp_path: Path)
     assert section.count("\n| 1 | ") == 3 and section.count("\n| 2 | ") == 3
     assert section.count(" (×") >= 2 * 2 * 4  # two stores, two levels, at least four ratios per row
     assert "overhead p50" in result.stdout and "floor" in result.stdout
+    assert section.count("webhook → LLM request p50, one conversation: ") == 3
     assert _series(chart.read_text()) == {name: {"memory", "sqlite", "floor"} for name, _ in PANELS}
 
 
