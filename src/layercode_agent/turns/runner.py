@@ -255,7 +255,7 @@ class TurnRunner:
         turn.task = self._spawn(self._run_turn(turn, event, delivery, early))
         return turn.events()
 
-    async def guess_early(self, event: MessageEvent, check: DeliveryCheck) -> EarlyRequest | None:
+    async def guess_early(self, event: MessageEvent, check: DeliveryCheck, delivery: str) -> EarlyRequest | None:
         """Send now the request a `message`'s turn will most likely make first (`ChatCompletionsModel.open_early`).
 
         For a webhook verified and checked (`check_delivery`), before its turn is begun in the store: the
@@ -263,8 +263,9 @@ class TurnRunner:
         history it goes by is the conversation's log as this worker's last close of it left it, plus the
         caller's words: what beginning the turn reads back in the common case. So only when the record's
         revision is still the one that close wrote (no other worker, delete or repair came in between),
-        no turn of the conversation is still streaming here (a barge-in: its close changes the log), and
-        the message carries no interruption context (the begin would change what the caller heard). The
+        no turn of the conversation is still streaming here (a barge-in: its close changes the log), the
+        message carries no interruption context (the begin would change what the caller heard), and the
+        log does not hold its turn already: a repeated or replayed delivery never reaches the LLM. The
         agent's request takes it only if it is byte for byte its own; otherwise it is closed at once.
         """
         model = self.model
@@ -274,6 +275,7 @@ class TurnRunner:
             or event.conversation_key in self._active
             or (known := self._known.get(event.conversation_key)) is None
             or known[0] != check.revision
+            or has_turn(known[1], event.turn_id or delivery, delivery)
         ):
             return None
         said = ModelRequest(parts=[UserPromptPart(event.text)])

@@ -286,7 +286,7 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
         return _replay_of_deleted(event)
     # A message's likely first LLM request leaves now, before the turn is begun in the store (the turn takes it,
     # or it is closed unanswered): the caller's wait for the model starts as soon as the webhook is known good.
-    early = await runner.guess_early(event, check) if isinstance(event, MessageEvent) else None
+    early = await runner.guess_early(event, check, delivery) if isinstance(event, MessageEvent) else None
     try:
         if isinstance(event, MessageEvent | SessionStartEvent):
             # Streams are counted by the turn they answer, named as the runner names it: a repeat has the same name.
