@@ -361,8 +361,8 @@ async def test_a_repeated_welcome_is_spoken_but_stored_once(store: AgentStore) -
     runner = make_runner(store, Model().stream, welcome_message="Welcome!")
     start = SessionStartEvent(conversation_id="conv", session_id="sess", turn_id="w1")
 
-    first = await collect(runner.stream_session_start(start))
-    second = await collect(runner.stream_session_start(start))
+    first = await collect(runner.sessions.stream_session_start(start))
+    second = await collect(runner.sessions.stream_session_start(start))
 
     assert spoken(first) == spoken(second) == "Welcome!"
     assert said(await history(store)) == [("assistant", "Welcome!")]
@@ -379,9 +379,9 @@ async def test_a_repeated_data_delivery_runs_the_handler_once(store: AgentStore)
     runner = make_runner(store, Model().stream, data_handler=handler)
     event = DataEvent(conversation_id="conv", turn_id="t1", data={"button": "yes"})
 
-    replies = await asyncio.gather(*(runner.handle_data(event, delivery="d1") for _ in range(3)))
-    later = await runner.handle_data(event, delivery="d1")
-    other = await runner.handle_data(event, delivery="d2")
+    replies = await asyncio.gather(*(runner.sessions.handle_data(event, delivery="d1") for _ in range(3)))
+    later = await runner.sessions.handle_data(event, delivery="d1")
+    other = await runner.sessions.handle_data(event, delivery="d2")
 
     assert calls == [{"button": "yes"}, {"button": "yes"}]
     assert [reply.content for reply in replies] == [{"count": 1}] * 3
@@ -401,18 +401,18 @@ async def test_a_failing_data_handler_lets_a_retry_run_it_again(store: AgentStor
     runner = make_runner(store, Model().stream, data_handler=handler)
     event = DataEvent(conversation_id="conv", turn_id="t1", data={})
     with pytest.raises(RuntimeError):
-        await runner.handle_data(event, delivery="d1")
+        await runner.sessions.handle_data(event, delivery="d1")
 
-    assert (await runner.handle_data(event, delivery="d1")).content == "ok"
+    assert (await runner.sessions.handle_data(event, delivery="d1")).content == "ok"
 
 
 async def test_a_repeated_session_end_is_stored_once(store: AgentStore) -> None:
     runner = make_runner(store, Model().stream)
     end = SessionEndEvent(conversation_id="conv", session_id="sess", transcript=[])
 
-    assert await runner.record_session_event(end, delivery="d1") is True
-    assert await runner.record_session_event(end, delivery="d1") is False
-    assert await runner.record_session_event(end, delivery="d2") is True
+    assert await runner.sessions.record_session_event(end, delivery="d1") is True
+    assert await runner.sessions.record_session_event(end, delivery="d1") is False
+    assert await runner.sessions.record_session_event(end, delivery="d2") is True
 
     assert [event.event_type for event in await store.session_events("conv")] == ["session.end", "session.end"]
 
@@ -779,11 +779,11 @@ async def test_a_replayed_session_start_does_not_stop_the_turn_now_streaming(sto
     model = Held(LONG)
     runner = make_runner(store, model.stream, welcome_message="Welcome!")
     start = SessionStartEvent(conversation_id="conv", session_id="sess", turn_id="w1")
-    await collect(runner.stream_session_start(start))
+    await collect(runner.sessions.stream_session_start(start))
 
     streaming = Listener(runner.stream_message(message("hello", "t1"), delivery="d1"), after=1)
     await streaming.spoke.wait()
-    replay = await collect(runner.stream_session_start(start))
+    replay = await collect(runner.sessions.stream_session_start(start))
     model.release.set()
     events = await asyncio.wait_for(streaming.task, 10)
 

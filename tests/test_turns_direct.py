@@ -122,12 +122,17 @@ async def test_a_turns_request_leaves_before_the_agent_asks_and_is_the_agents_ow
     assert lean._early_misses == 0  # pyright: ignore[reportPrivateUsage]
 
 
+async def _guess(runner: TurnRunner, event: MessageEvent, delivery: str) -> EarlyRequest | None:
+    """The early request the webhook route would send for `event` (delivered as the body `delivery`)."""
+    return await runner.guess_early(event, await runner.sessions.check_delivery(event, delivery), delivery)
+
+
 def _answer(runner: TurnRunner, event: MessageEvent) -> Coroutine[Any, Any, list[OutboundEvent]]:
     """What the webhook route does with a verified `message`: the early guess first, then the turn."""
 
     async def answer() -> list[OutboundEvent]:
         delivery = f"digest-{event.turn_id}"
-        early = await runner.guess_early(event, await runner.check_delivery(event, delivery), delivery)
+        early = await _guess(runner, event, delivery)
         return await collect(runner.stream_message(event, delivery=delivery, early=early))
 
     return answer()
@@ -193,7 +198,7 @@ async def test_no_request_is_guessed_on_a_log_another_worker_changed_since(
     await _answer(there, message("two", "t2"))  # The log moves on without this worker.
     await settled(there)
     third = message("three", "t3")
-    assert await here.guess_early(third, await here.check_delivery(third, "digest-t3"), "digest-t3") is None
+    assert await _guess(here, third, "digest-t3") is None
     events = await _answer(here, third)
     await settled(here)
 
@@ -232,17 +237,16 @@ async def test_no_request_is_guessed_for_a_message_that_barges_in(
     store = MemoryStore()
     runner = await _after_a_turn(store, lean, "one")
     barging = message("two", "t2", interruption_context={"previous_turn_interrupted": True, "words_heard": 2})
-    assert await runner.guess_early(barging, await runner.check_delivery(barging, "digest-t2"), "digest-t2") is None
+    assert await _guess(runner, barging, "digest-t2") is None
 
 
 async def test_a_repeated_delivery_is_never_guessed(fake_llm: FakeOpenAI, lean: ChatCompletionsModel) -> None:
     store = MemoryStore()
     runner = await _after_a_turn(store, lean, "one")
     again = message("one", "t1")
-    check = await runner.check_delivery(again, "digest-t1")
-    assert await runner.guess_early(again, check, "digest-t1") is None  # By its turn id...
+    assert await _guess(runner, again, "digest-t1") is None  # By its turn id...
     renamed = message("one", "t1-renamed")
-    assert await runner.guess_early(renamed, check, "digest-t1") is None  # ...or by its body's digest.
+    assert await _guess(runner, renamed, "digest-t1") is None  # ...or by its body's digest.
     replayed = await _answer(runner, again)
     await settled(runner)
     assert spoken(replayed) == "Hello there, how can I help?"  # Answered from the log...

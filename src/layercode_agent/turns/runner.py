@@ -75,15 +75,10 @@ from ..history import (
     with_filler,
 )
 from ..protocol import (
-    DataEvent,
     DataResponse,
-    InboundEvent,
     InterruptionContext,
     MessageEvent,
     OutboundEvent,
-    SessionEndEvent,
-    SessionStartEvent,
-    SessionUpdateEvent,
     TTSResponse,
 )
 from ..stores import AgentStore, DeliveryCheck, StoreError
@@ -197,37 +192,7 @@ class TurnRunner:
         )
 
     # ------------------------------------------------------------------ the webhooks around turns
-
-    def stream_session_start(self, event: SessionStartEvent) -> AsyncIterator[OutboundEvent]:
-        """Speak the welcome message (if any) and end the turn; the greeting joins the history once."""
-        return self.sessions.stream_session_start(event)
-
-    async def handle_data(self, event: DataEvent, *, delivery: str | None = None) -> DataResponse:
-        """Answer client data with the data hook's result; a repeated delivery gets the first answer.
-
-        Raises:
-            DeliveryInProgressError: If a repeated delivery's first one, on a worker that is alive, is
-                not answered within `llm_timeout`.
-        """
-        return await self.sessions.handle_data(event, delivery=delivery)
-
-    async def record_session_event(
-        self, event: SessionEndEvent | SessionUpdateEvent, *, delivery: str | None = None
-    ) -> bool:
-        """Keep Layercode's transcript, metrics and recording details with the conversation, once.
-
-        Returns:
-            False if this exact delivery was already recorded.
-
-        Raises:
-            DeliveryInProgressError: If the first delivery, on a worker that is alive, is not stored
-                within `llm_timeout`.
-        """
-        return await self.sessions.record_session_event(event, delivery=delivery)
-
-    async def check_delivery(self, event: InboundEvent, delivery: str) -> DeliveryCheck:
-        """Whether the webhook repeats a delivery of a conversation deleted since, and its record's revision now."""
-        return await self.sessions.check_delivery(event, delivery)
+    # `session.start`, `data`, `session.*` and the delivery check are `self.sessions`' (`SessionHandlers`).
 
     async def _store_welcome(self, conversation_id: str, turn_id: str, welcome: ModelResponse) -> None:
         await self._begin(self._turn(conversation_id, turn_id), None, [welcome], None)
@@ -258,7 +223,7 @@ class TurnRunner:
     async def guess_early(self, event: MessageEvent, check: DeliveryCheck, delivery: str) -> EarlyRequest | None:
         """Send now the request a `message`'s turn will most likely make first (`ChatCompletionsModel.open_early`).
 
-        For a webhook verified and checked (`check_delivery`), before its turn is begun in the store: the
+        For a webhook verified and checked (`sessions.check_delivery`), before its turn is begun in the store: the
         turn takes it over (`stream_message(early=...)`) or it is closed (`EarlyRequest.discard()`). The
         history it goes by is the conversation's log as this worker's last close of it left it, plus the
         caller's words: what beginning the turn reads back in the common case. So only when the record's

@@ -281,7 +281,7 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
     # same digest: the runner answers it from the first delivery instead of acting again.
     delivery = hashlib.sha256(body).hexdigest()
     runner = runtime.runner
-    check = await runner.check_delivery(event, delivery)
+    check = await runner.sessions.check_delivery(event, delivery)
     if check.deleted:
         return _replay_of_deleted(event)
     # A message's likely first LLM request leaves now, before the turn is begun in the store (the turn takes it,
@@ -297,17 +297,17 @@ async def handle_webhook(request: Request, runtime: RuntimeDep) -> Response:
                 events = runner.stream_message(event, delivery=delivery, timing=timing, early=early)
                 early = None  # The turn's now.
             else:
-                events = runner.stream_session_start(event)
+                events = runner.sessions.stream_session_start(event)
             return _counted_stream(events, runtime, slot)
     finally:
         if early is not None:
             early.discard()
     try:
         if isinstance(event, DataEvent):
-            reply = await runner.handle_data(event, delivery=delivery)
+            reply = await runner.sessions.handle_data(event, delivery=delivery)
             return Response(encode_json(reply), media_type=_JSON)
         if isinstance(event, SessionEndEvent | SessionUpdateEvent):
-            recorded = await runner.record_session_event(event, delivery=delivery)
+            recorded = await runner.sessions.record_session_event(event, delivery=delivery)
             return Response(b'{"status":"ok"}' if recorded else b'{"status":"duplicate"}', media_type=_JSON)
     except DeliveryInProgressError as exc:
         return _in_progress(exc)
