@@ -21,6 +21,7 @@ from layercode_agent.agent.chat_completions import ChatCompletionsModel, EarlyRe
 from layercode_agent.protocol import MessageEvent, OutboundEvent
 from layercode_agent.stores import MemoryStore
 from layercode_agent.turns import TurnRunner
+from layercode_agent.turns.timing import TurnObserver, TurnReport
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.test_turns import collect, history, message, read_then_hang_up, settled, spoken
 
@@ -138,13 +139,23 @@ def _answer(runner: TurnRunner, event: MessageEvent) -> Coroutine[Any, Any, list
     return answer()
 
 
-def _runner(store: MemoryStore, lean: ChatCompletionsModel) -> TurnRunner:
-    return TurnRunner(agent=build_agent(tools=False), model=lean, store=store, poll_interval=0.02)
+class _Reports(TurnObserver):
+    def __init__(self) -> None:
+        self.reports: list[TurnReport] = []
+
+    def turn_finished(self, report: TurnReport) -> None:
+        self.reports.append(report)
 
 
-async def _after_a_turn(store: MemoryStore, lean: ChatCompletionsModel, text: str) -> TurnRunner:
+def _runner(store: MemoryStore, lean: ChatCompletionsModel, observer: TurnObserver | None = None) -> TurnRunner:
+    return TurnRunner(agent=build_agent(tools=False), model=lean, store=store, poll_interval=0.02, observer=observer)
+
+
+async def _after_a_turn(
+    store: MemoryStore, lean: ChatCompletionsModel, text: str, observer: TurnObserver | None = None
+) -> TurnRunner:
     """A runner that has answered one turn of the conversation (`text`), its close written."""
-    runner = _runner(store, lean)
+    runner = _runner(store, lean, observer)
     await _answer(runner, message(text, "t1"))
     await settled(runner)
     return runner
@@ -172,9 +183,11 @@ async def test_a_later_turns_request_leaves_before_its_record_is_begun(
     fake_llm: FakeOpenAI, lean: ChatCompletionsModel
 ) -> None:
     store = _GatedStore()
-    runner = await _after_a_turn(store, lean, "first")
+    observed = _Reports()
+    runner = await _after_a_turn(store, lean, "first", observed)
 
     store.gate.clear()  # The second turn's begin waits for the store...
+    await asyncio.sleep(0.05)
     second = asyncio.create_task(_answer(runner, message("second", "t2")))
     for _ in range(500):
         if len(fake_llm.received) == 2:
@@ -188,6 +201,9 @@ async def test_a_later_turns_request_leaves_before_its_record_is_begun(
     assert len(fake_llm.received) == 2 and fake_llm.received[1].completed  # The agent's own request took it.
     assert lean._early_misses == 0  # pyright: ignore[reportPrivateUsage]
     assert [m.metadata["role"] for m in await history(store) if m.metadata] == ["user", "assistant"] * 2
+    # Its report says when the request really left: before the history was loaded, not after the set-up.
+    stages = observed.reports[-1].stages
+    assert stages["llm_request"] < stages["history_loaded"] < stages["llm_first_token"]
 
 
 async def test_no_request_is_guessed_on_a_log_another_worker_changed_since(

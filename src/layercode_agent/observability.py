@@ -73,7 +73,8 @@ def first_word_overhead(stages: dict[str, float]) -> float | None:
     """The milliseconds of the first word's delay that were this backend's own, not the LLM's.
 
     That is `llm_request` (from the webhook arriving to the LLM request being sent: signature,
-    parsing, history) plus `first_tts - llm_first_token` (from the LLM's first token to the first
+    parsing, the delivery check, and unless the request sent early was the one the model took,
+    the history and the agent's set-up) plus `first_tts - llm_first_token` (from the LLM's first token to the first
     `response.tts` handed to the HTTP response: cleaning and queueing), which equals `first_tts`
     minus the LLM's own time to first token. `None` when the turn has no such stages, or when the
     first words were not the LLM's (a slow-LLM filler spoken before its first token).

@@ -61,6 +61,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -179,6 +180,10 @@ class EarlyRequest:
     """`None`: nothing was sent (there was nothing to go by yet)."""
     taken: bool = False
     """Whether the agent's request took it, or it was discarded."""
+    used: bool = False
+    """Whether the agent's request took it: its answer is the agent's."""
+    sent_at: float | None = None
+    """`time.perf_counter()` when it was on the wire (for the turn's `llm_request` stage)."""
 
     def discard(self) -> None:
         """Close it if the agent's request did not take it: the server sees the hang-up at once."""
@@ -420,7 +425,7 @@ class ChatCompletionsModel(Model):
         # not after the agent's set-up, which awaits nothing for milliseconds.
         await asyncio.sleep(0)
         await asyncio.sleep(0)
-        return EarlyRequest(content, template.headers, task)
+        return EarlyRequest(content, template.headers, task, sent_at=time.perf_counter())
 
     def _request_headers(self, settings: ModelSettings) -> dict[str, str]:
         if extra_headers := settings.get("extra_headers"):
@@ -465,7 +470,7 @@ class ChatCompletionsModel(Model):
         for attempt in range(1, attempts + 1):
             try:
                 if attempt == 1 and early is not None and early.task is not None:
-                    early.taken = True
+                    early.taken = early.used = True
                     response = await early.task
                 else:
                     response = await self._post(content, headers, timeout)

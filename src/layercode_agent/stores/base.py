@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-_TombstoneAndRevision = tuple[str | None, str | None]
 
 TOMBSTONE_TTL: Final = 600.0
 """Seconds a deleted conversation's delivery names are kept: twice the webhook signature tolerance.

@@ -478,6 +478,10 @@ class TurnRunner:
                             yield event
                 finally:
                     DIRECT_TEXT.reset(direct)
+                    # If the model took the request sent early, the request left when that one did (known only now).
+                    early = EARLY_REQUEST.get()
+                    if early is not None and early.used and early.sent_at is not None:
+                        timing.restate(Stage.LLM_REQUEST, early.sent_at)
             elif self.agent.is_call_tools_node(node):
                 async with node.stream(run.ctx) as stream:
                     async for event in stream:

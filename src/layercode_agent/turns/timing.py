@@ -43,7 +43,15 @@ class TurnTiming:
         """Record a stage once (the first time it happens), now or at the `perf_counter()` value `at`."""
         name = stage.value
         if name not in self.stages:
-            self.stages[name] = round(((at if at is not None else time.perf_counter()) - self.started) * 1000, 3)
+            self.stages[name] = self._ms(at)
+
+    def restate(self, stage: Stage, at: float) -> None:
+        """Move a recorded stage to the `perf_counter()` value `at`, once it is known the stage happened then."""
+        if stage.value in self.stages:
+            self.stages[stage.value] = self._ms(at)
+
+    def _ms(self, at: float | None) -> float:
+        return round(((at if at is not None else time.perf_counter()) - self.started) * 1000, 3)
 
 
 @dataclass(frozen=True)
