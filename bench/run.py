@@ -192,16 +192,22 @@ async def _measure_level(
         wall=wall,
         load_cores=len(parties.pinning.load or [0]),
     )
-    stats = (await control.get("/stats", params={"reset": "1"})).json()
-    timings: dict[str, tuple[float, float | None]] = {}
-    for key, received, first_token, *_ in stats["timings"]:
-        timings.setdefault(key, (received, first_token))
+    timings = await _llm_timings(control)
     defects = await check_history(
         conversations, store_url=server.store_url, server_base=server.base, admin_token=server.admin_token
     )
     return run_figures(
         conversations, timings, ttft_ms=args.ttft_ms, cpu=cpu, rss_mib=peak_rss_mib(pids), defects=defects
     )
+
+
+async def _llm_timings(control: httpx.AsyncClient) -> dict[str, tuple[float, float | None]]:
+    """The fake's `(request received, first token sent)` per request key since the last reset; resets them."""
+    stats = (await control.get("/stats", params={"reset": "1"})).json()
+    timings: dict[str, tuple[float, float | None]] = {}
+    for key, received, first_token, *_ in stats["timings"]:
+        timings.setdefault(key, (received, first_token))
+    return timings
 
 
 def _ramp_seconds(args: argparse.Namespace) -> float:
@@ -256,10 +262,7 @@ async def _measure_history(
         think=args.think_ms / 1000,
         pool=pool,
     )
-    stats = (await control.get("/stats", params={"reset": "1"})).json()
-    timings: dict[str, tuple[float, float | None]] = {}
-    for key, received, first_token, *_ in stats["timings"]:
-        timings.setdefault(key, (received, first_token))
+    timings = await _llm_timings(control)
     return history_growth(conversation, timings, args.history_exchanges)
 
 

@@ -2,9 +2,9 @@
 
 pydantic-ai prices every model response with genai-prices (`fill_response_cost`). genai-prices keeps
 the models it finds, but not a miss: a model it does not know (a local server's, most OpenAI-compatible
-hosts') is searched for again, through every model of the provider, on every response. Measured with
-`bench.layers` (a one-token reply from the bench's fake LLM, whose model is unknown): about 0.6 ms of
-CPU per turn, a tenth of pydantic-ai's whole run. This snapshot remembers misses as well.
+hosts') is searched for again, through every model of the provider, on every response: measured
+(`timeit`, pydantic-ai's `best_effort_price` for the bench's model "bench"), 60 µs a lookup, and 5 µs
+with this snapshot, which remembers misses as well.
 """
 
 from __future__ import annotations
