@@ -37,6 +37,7 @@ from ..utils import import_string
 from .access import AuthorizeHook, Gate
 from .cors import AuthorizeCORS
 from .errors import install_error_handlers
+from .heap import settled_heap
 from .http import GuardedHttpToolsProtocol
 from .routes import authorize, conversations, health, playground, webhook
 from .routes.metrics import metrics_router
@@ -164,7 +165,8 @@ def create_app(
             shutdown = GracefulShutdown(app.state.runtime, drain_seconds=settings.shutdown_drain_seconds)
             shutdown.install()
             try:
-                yield
+                with settled_heap():  # Start-up is over: what it built is never walked by the collector again.
+                    yield
             finally:
                 await shutdown.aclose()
                 await runner.aclose()
