@@ -60,7 +60,9 @@ def generation_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "layercode-local-llm" and t.is_alive()]
 
 
-def join_generation_threads(within: float = 2.0) -> None:
+def join_generation_threads(within: float = 10.0) -> None:
+    # A thread notices a stop between two tokens; a token can take seconds on a machine busy with other work.
+    # 10 s is still far below what an uncancelled 1500-token generation takes, so a stop that fails shows.
     deadline = time.monotonic() + within
     for thread in generation_threads():
         thread.join(max(deadline - time.monotonic(), 0))
